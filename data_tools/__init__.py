@@ -1,0 +1,1 @@
+"""vitscale data_tools stage."""

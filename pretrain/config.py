@@ -1,0 +1,412 @@
+"""Typed run configuration: one dataclass per component, composed by a root config.
+
+Why typed dataclasses and not a free dict: a typo in a week-long run's YAML
+(``optim.weight_decy``) must fail in the first second with the file, the key and
+the nearest valid key, not silently train with a default. The same strict
+loader serves both stages; ``finetune`` composes its own root from these pieces.
+
+Precedence is CLI ``section.key=value`` > YAML file > dataclass defaults. The
+resolved config round-trips through YAML (``dump_config`` / ``load_config``),
+so the copy written into the run directory and each checkpoint rebuilds the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file, override or combination of settings is invalid."""
+
+
+@dataclass
+class RunConfig:
+    """Identity and location of a run."""
+
+    name: str = "vit"
+    """Run name; the default run directory is ``runs/<name>``."""
+    dir: str = ""
+    """Run directory (TensorBoard logs, resolved config, checkpoints). Empty: ``runs/<name>``."""
+    seed: int = 0
+    """Seeds weights, the data stream (with epoch, rank and worker) and augmentation."""
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir or f"runs/{self.name}")
+
+
+@dataclass
+class ModelConfig:
+    """The ViT to build; passed to ``pretrain.model.build_vit``."""
+
+    variant: str = "B/16"
+    """``NAME/PATCH`` from the variant table (Ti, S, B, L, H, g), or ``custom`` with the sizes below."""
+    img_size: int = 224
+    num_classes: int = 21843
+    pre_logits: Optional[int] = None
+    """Width of the tanh pre-logits hidden layer (pretraining head); None for a linear head."""
+    pool: Literal["token", "gap"] = "token"
+    drop_path: float = 0.0
+    head_bias: float = 0.0
+    """Initial classifier bias; big_vision uses -10 with the sigmoid loss."""
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_dim: Optional[int] = None
+    patch_size: Optional[int] = None
+    grad_checkpointing: bool = False
+    """Recompute each block in backward: less activation memory, about 30% more compute."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``build_vit`` (size overrides only where set)."""
+        kwargs: dict[str, Any] = dict(
+            img_size=self.img_size,
+            num_classes=self.num_classes,
+            pre_logits=self.pre_logits,
+            pool=self.pool,
+            drop_path=self.drop_path,
+            head_bias=self.head_bias,
+        )
+        for key in ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size"):
+            value = getattr(self, key)
+            if value is not None:
+                kwargs[key] = value
+        return kwargs
+
+    def resolved_patch_size(self) -> int:
+        if self.patch_size is not None:
+            return self.patch_size
+        _, _, patch = self.variant.partition("/")
+        if not patch.isdigit():
+            raise ConfigError(
+                f"model.variant={self.variant!r} has no patch size: write it as NAME/PATCH "
+                "(e.g. B/16) or set model.patch_size"
+            )
+        return int(patch)
+
+
+@dataclass
+class DataConfig:
+    """Shards, batching and augmentation of the input streams."""
+
+    train_shards: Union[str, list[str]] = ""
+    """A shard directory with ``_info.json``, a brace pattern (``shards/train-{000000..000099}.tar``),
+    a ``pipe:`` URL pattern, or a list of shard paths."""
+    train_split: str = "train"
+    """Split read from ``_info.json`` when ``train_shards`` is a directory."""
+    eval_shards: Union[str, list[str]] = ""
+    """Like ``train_shards``; empty disables evaluation."""
+    eval_split: str = "val"
+    global_batch_size: int = 4096
+    """Images per optimizer step over all processes (DeepSpeed ``train_batch_size``)."""
+    micro_batch_size: int = 64
+    """Images per process per forward (DeepSpeed ``train_micro_batch_size_per_gpu``);
+    gradient accumulation = global / (micro x world size)."""
+    eval_batch_size: int = 0
+    """Per-process eval batch; 0 uses ``micro_batch_size``."""
+    samples_per_epoch: int = 0
+    """Train samples per epoch over all ranks (fixed, so every rank yields the same number of
+    batches); 0 uses the split's ``num_samples`` from ``_info.json``."""
+    num_workers: int = 4
+    shuffle_buffer: int = 5000
+    randaugment: Optional[list[int]] = None
+    """RandAugment ``[num_ops, magnitude]``, e.g. ``[2, 10]``; None disables it."""
+    rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """Scale range of the inception-style RandomResizedCrop."""
+    hflip: bool = True
+    normalize: Literal["imagenet", "inception"] = "imagenet"
+    """``imagenet`` mean/std, or ``inception`` to map pixels to [-1, 1] (big_vision)."""
+    eval_crop_pct: float = 0.875
+    """Center crop fraction at eval: 0.875 = resize 256 then crop 224; 1.0 = resize to the crop size."""
+    mixup: float = 0.0
+    """MixUp alpha; 0 disables."""
+    cutmix: float = 0.0
+    """CutMix alpha; 0 disables."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and loss."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    """Peak learning rate (after warmup)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; never applied to norms, biases, the class token or pos-embed."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum: float = 0.9
+    """SGD momentum (finetuning)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    loss: Literal["softmax", "sigmoid"] = "softmax"
+    """Softmax cross-entropy, or big_vision's sigmoid cross-entropy for ImageNet-21k."""
+    label_smoothing: float = 0.0
+    max_nonfinite_steps: int = 10
+    """A NaN/inf loss skips the update; this many in a row stop the run."""
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, stepped once per optimizer step."""
+
+    total_steps: int = 100_000
+    warmup_steps: int = 10_000
+    decay: Literal["cosine", "linear"] = "cosine"
+    min_lr: float = 0.0
+    """Learning rate reached at ``total_steps``."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Engine settings; the DeepSpeed JSON config is derived from these, never hand-kept."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    offload_optimizer: bool = False
+    """ZeRO-Offload of optimizer state to CPU memory (stages 1-3)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Raw DeepSpeed config entries merged last, for settings vitscale does not model."""
+
+
+@dataclass
+class CheckpointConfig:
+    """When to save and how many to keep."""
+
+    every_steps: int = 1000
+    keep_last: int = 3
+    resume: bool = True
+    """Resume from the latest complete checkpoint in the run directory if one exists."""
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation on ``data.eval_shards``."""
+
+    every_steps: int = 0
+    """0: evaluate only at the end."""
+    max_batches: int = 0
+    """Limit per evaluation (0: the whole eval set, exact counts)."""
+
+
+@dataclass
+class LoggingConfig:
+    """TensorBoard and console output."""
+
+    every_steps: int = 10
+    tensorboard: bool = True
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s per device for MFU; None looks the device up in a table."""
+
+
+@dataclass
+class Config:
+    """Root pretraining config."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, world_size: int = 1, check_paths: bool = True) -> None:
+        """Reject impossible settings before any process group starts."""
+        validate_common(self, world_size, check_paths)
+
+
+C = typing.TypeVar("C")
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _shard_spec_missing(spec: Union[str, list[str]]) -> Optional[str]:
+    """Return the first local path of a shard spec that does not exist (None if all do)."""
+    if isinstance(spec, list):
+        return next((p for p in spec if not p.startswith("pipe:") and not Path(p).exists()), None)
+    if not spec or spec.startswith("pipe:") or "://" in spec:
+        return None
+    if "{" in spec:
+        parent = Path(spec.split("{", 1)[0]).parent
+        return None if parent.exists() else str(parent)
+    return None if Path(spec).exists() else spec
+
+
+def validate_common(cfg: Any, world_size: int, check_paths: bool) -> None:
+    """Checks shared by every root config that has model, data, schedule and optim sections."""
+    errors = []
+    patch = cfg.model.resolved_patch_size()
+    if cfg.model.img_size % patch:
+        errors.append(
+            f"model.img_size={cfg.model.img_size} is not divisible by the patch size {patch}: "
+            f"use a multiple of {patch} (e.g. {cfg.model.img_size // patch * patch or patch})"
+        )
+    data = cfg.data
+    per_step = data.micro_batch_size * world_size
+    if data.micro_batch_size <= 0 or data.global_batch_size % per_step:
+        errors.append(
+            f"data.global_batch_size={data.global_batch_size} is not divisible by "
+            f"data.micro_batch_size={data.micro_batch_size} x world size {world_size} = {per_step}: "
+            "set the global batch to a multiple of that, or change the micro-batch"
+        )
+    if cfg.schedule.warmup_steps > cfg.schedule.total_steps:
+        errors.append(
+            f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds "
+            f"schedule.total_steps={cfg.schedule.total_steps}"
+        )
+    if len(cfg.optim.betas) != 2:
+        errors.append(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
+    if data.randaugment is not None and len(data.randaugment) != 2:
+        errors.append(f"data.randaugment must be [num_ops, magnitude], got {data.randaugment}")
+    if not data.train_shards:
+        errors.append("data.train_shards is empty: point it at a shard directory (python -m data_tools convert)")
+    if check_paths:
+        for key in ("train_shards", "eval_shards"):
+            missing = _shard_spec_missing(getattr(data, key))
+            if missing:
+                errors.append(
+                    f"data.{key}: {missing} does not exist; create shards with "
+                    "`python -m data_tools convert` (or `python -m data_tools demo` for the demo)"
+                )
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+# ------------------------------------------------------------------ loading
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is None and isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "3e-4" (no dot) as a string; accept what float() accepts.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+    return ConfigError(f"{where}: unknown key {key!r}; {hint}")
+
+
+def _merge(obj: Any, data: dict[str, Any], source: str, prefix: str = "") -> None:
+    """Write a nested mapping into the dataclass tree ``obj``, strictly."""
+    if not isinstance(data, dict):
+        section = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"{source}: {section} is a section and needs a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise _unknown_key(str(key), names, f"{source}: {path}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, source, f"{path}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{source}: {path}"))
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    return key.split("."), yaml.safe_load(raw) if raw else ""
+
+
+def apply_overrides(cfg: C, overrides: list[str]) -> C:
+    """Apply ``section.key=value`` overrides (values parsed as YAML scalars/lists)."""
+    for item in overrides:
+        keys, value = _parse_override(item)
+        nested: Any = value
+        for key in reversed(keys):
+            nested = {key: nested}
+        _merge(cfg, nested, f"override {item!r}")
+    return cfg
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None,
+                cls: type[C] = Config) -> C:  # type: ignore[assignment]
+    """Defaults < YAML file < overrides, each checked against the dataclass types."""
+    cfg = cls()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        _merge(cfg, data, str(path))
+    return apply_overrides(cfg, overrides or [])
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any, path: Optional[Union[str, Path]] = None) -> str:
+    """The resolved config as YAML (written to ``path`` if given)."""
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+def config_from_dict(data: dict[str, Any], cls: type[C] = Config, source: str = "<dict>") -> C:  # type: ignore[assignment]
+    """Rebuild a config from ``config_to_dict`` output (e.g. a checkpoint's client state)."""
+    cfg = cls()
+    _merge(cfg, data, source)
+    return cfg

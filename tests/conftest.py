@@ -23,3 +23,107 @@ def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from data_tools.demo import write_demo
 
     return Path(write_demo(tmp_path_factory.mktemp("demo")))
+
+
+def _st_encode(image, fmt: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, quality=90) if fmt == "JPEG" else image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def st_make_shards(tmp_path: Path):
+    """Factory writing tiny webdataset shards plus a timm-layout ``_info.json``.
+
+    ``st_make_shards(sizes, split="train", corrupt=())`` writes one shard per entry of
+    ``sizes``; sample ``i`` (global order) has label ``i`` so tests can track every sample.
+    Images vary in size (16-40 px), format (JPEG/PNG) and mode (RGB, L, RGBA, CMYK).
+    ``corrupt`` maps a global index to ``"bytes"`` (undecodable image), ``"truncated"``
+    (JPEG cut in half) or ``"nocls"`` (label missing). Returns the directory.
+    """
+    import json
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    def make(sizes, split="train", corrupt=None, directory=None):
+        corrupt = corrupt or {}
+        out = Path(directory or tmp_path / "shards")
+        out.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(len(sizes) * 1000 + sum(sizes))
+        names, index = [], 0
+        for shard, size in enumerate(sizes):
+            name = f"{split}-{shard:06d}.tar"
+            with wds.TarWriter(str(out / name)) as sink:
+                for _ in range(size):
+                    h, w = int(rng.integers(16, 41)), int(rng.integers(16, 41))
+                    mode = ("RGB", "L", "RGBA", "CMYK")[index % 4]
+                    pixels = rng.integers(0, 256, (h, w, len(mode)), dtype=np.uint8)
+                    image = Image.fromarray(pixels.squeeze(-1) if mode == "L" else pixels, mode)
+                    fmt, ext = ("PNG", "png") if mode == "RGBA" or (index % 5 == 0 and mode != "CMYK") else ("JPEG", "jpg")
+                    data = _st_encode(image, fmt)
+                    kind = corrupt.get(index)
+                    if kind == "bytes":
+                        data = b"not an image at all"
+                    elif kind == "truncated":
+                        data = data[: len(data) // 2]
+                    sample = {"__key__": f"s{index:06d}", ext: data}
+                    if kind != "nocls":
+                        sample["cls"] = str(index).encode()
+                    sink.write(sample)
+                    index += 1
+            names.append(name)
+        info_path = out / "_info.json"
+        info = json.loads(info_path.read_text()) if info_path.exists() else {"name": "st", "splits": {}}
+        info["splits"][split] = {"name": split, "filenames": names, "shard_lengths": list(sizes),
+                                 "num_samples": sum(sizes)}
+        info_path.write_text(json.dumps(info))
+        return out
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def dt_make_image():
+    """Factory: ``dt_make_image(size=(w, h), mode="RGB", fmt="JPEG", seed=0) -> bytes`` of a smooth random image.
+
+    Smooth (upscaled noise) rather than white noise, so JPEG sizes are photo-like.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def make(size=(20, 14), mode="RGB", fmt="JPEG", seed=0):
+        rng = np.random.default_rng(seed)
+        bands = {"L": 1, "RGB": 3, "RGBA": 4, "CMYK": 4}[mode]
+        small = rng.integers(0, 256, (4, 4, bands), dtype=np.uint8)
+        image = Image.fromarray(small.squeeze(-1) if bands == 1 else small, mode)
+        image = image.resize(size, Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        return buf.getvalue()
+
+    return make
+
+
+@pytest.fixture
+def dt_imagefolder(tmp_path: Path, dt_make_image):
+    """Factory: ``dt_imagefolder(counts={"cat": 5, ...}, name="src") -> root`` of a tiny JPEG ImageFolder.
+
+    Image ``i`` of class ``c`` is ``root/c/img_i.jpg`` with a size and content unique to (c, i).
+    """
+
+    def make(counts, name="src"):
+        root = tmp_path / name
+        for c, (cls, n) in enumerate(sorted(counts.items())):
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                data = dt_make_image((12 + i % 7, 10 + c), seed=1000 * c + i)
+                (root / cls / f"img_{i}.jpg").write_bytes(data)
+        return root
+
+    return make

@@ -1,0 +1,180 @@
+"""Images/s of the vitscale train stream vs torchvision ImageFolder vs a decode-only loop.
+
+All three read the same realistic JPEGs (about 500x375, quality 90, cut from
+scikit-learn's two sample photos by random crops, flips and resizes): the stream
+from webdataset shards, the others from the same images as loose files. The
+stream and ImageFolder apply the same augmentation (224 px inception-style
+RandomResizedCrop + horizontal flip, uint8 output); decode-only does full JPEG
+decode + RGB conversion and nothing else, which bounds what any pipeline doing
+full decodes can reach on these cores. Every pipeline uses the same DataLoader
+worker count and batch size; each runs ``--repeats`` epochs, interleaved with the
+others, timed from its first batch, and reports its best epoch.
+
+    python benchmarks/data_throughput.py [--images 1000] [--workers 2]
+
+Wall-clock images/s with workers is what training sees, but on a shared machine it
+swings with other jobs; the same pipelines in one process (``num_workers=0``) also
+report CPU milliseconds per image, which do not. Ratios ``a_vs_b`` compare
+images/s (higher is better for ``a``), ``a_vs_b_cpu`` compare CPU cost per image
+(``b``'s cost over ``a``'s: also higher is better for ``a``). The last line of
+output is one JSON object with every figure and ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as v2
+import webdataset as wds
+from PIL import Image
+from sklearn.datasets import load_sample_images
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import ImageFolder
+
+from pretrain.config import DataConfig
+from pretrain.data import build_train_stream
+
+IMG_SIZE = 224
+CLASSES = 10
+
+
+def make_images(root: Path, count: int, seed: int = 0) -> list[tuple[Path, int]]:
+    """Write ``count`` distinct ImageNet-like JPEGs into an ImageFolder tree; return (path, label)."""
+    rng = np.random.default_rng(seed)
+    photos = [Image.fromarray(p) for p in load_sample_images().images]
+    items = []
+    for index in range(count):
+        photo = photos[index % len(photos)]
+        width, height = photo.size
+        crop_w, crop_h = int(width * rng.uniform(0.55, 1.0)), int(height * rng.uniform(0.55, 1.0))
+        left, top = int(rng.integers(0, width - crop_w + 1)), int(rng.integers(0, height - crop_h + 1))
+        image = photo.crop((left, top, left + crop_w, top + crop_h))
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        size = (500, 375) if rng.random() < 0.75 else (375, 500)
+        image = image.resize(size, Image.Resampling.BICUBIC)
+        label = index % CLASSES
+        path = root / f"class_{label:02d}" / f"img_{index:06d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path, quality=90)
+        items.append((path, label))
+    return items
+
+
+def write_shards(items: list[tuple[Path, int]], out: Path, per_shard: int) -> None:
+    """The same files as webdataset shards with a timm-layout ``_info.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    names, lengths = [], []
+    for start in range(0, len(items), per_shard):
+        name = f"train-{start // per_shard:06d}.tar"
+        chunk = items[start:start + per_shard]
+        with wds.TarWriter(str(out / name)) as sink:
+            for path, label in chunk:
+                sink.write({"__key__": path.stem, "jpg": path.read_bytes(), "cls": str(label).encode()})
+        names.append(name)
+        lengths.append(len(chunk))
+    info = {"name": "bench", "splits": {"train": {"name": "train", "filenames": names,
+                                                  "shard_lengths": lengths, "num_samples": len(items)}}}
+    (out / "_info.json").write_text(json.dumps(info))
+
+
+class DecodeOnly(Dataset):
+    """Full JPEG decode + RGB conversion, no augmentation: the decode ceiling."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        with Image.open(self.paths[index]) as image:
+            return image.convert("RGB").size
+
+
+def epoch_cost(batches: Iterable, images: int) -> tuple[float, float]:
+    """(images/s, CPU ms of this process per image) over one epoch, timed from the first batch.
+
+    With ``num_workers=0`` the CPU time is the whole per-image cost, and unlike wall time
+    it barely moves when other jobs share the cores.
+    """
+    batches = iter(batches)
+    seen = len(next(batches)[1])
+    wall, cpu, counted = time.perf_counter(), time.process_time(), 0
+    while seen < images:
+        size = len(next(batches)[1])
+        seen, counted = seen + size, counted + size
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return counted / wall, 1000 * cpu / counted
+
+
+def best_costs(pipelines: dict[str, Callable[[], Iterable]], images: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Best (highest images/s, lowest CPU ms/image) of each pipeline over ``repeats`` epochs, run
+    interleaved (A B C A B C ...) so a load change on a shared machine hits all of them alike."""
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in pipelines}
+    for _ in range(repeats):
+        for name, make in pipelines.items():
+            runs[name].append(epoch_cost(make(), images))
+    return {name: (max(r for r, _ in values), min(c for _, c in values)) for name, values in runs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        items = make_images(root / "folder", args.images)
+        write_shards(items, root / "shards", per_shard=250)
+        mean_kb = float(np.mean([p.stat().st_size for p, _ in items]) / 1024)
+        print(f"wrote {len(items)} JPEGs ({mean_kb:.0f} KB mean) as files and shards in {time.perf_counter() - t0:.1f}s")
+
+        augment = v2.Compose([v2.RandomResizedCrop(IMG_SIZE, scale=(0.08, 1.0), antialias=True),
+                              v2.RandomHorizontalFlip(), v2.PILToTensor()])
+        folder = ImageFolder(str(root / "folder"), transform=augment)
+        decode = DecodeOnly([p for p, _ in items])
+
+        def pipelines(workers: int) -> dict[str, Callable[[], Iterable]]:
+            cfg = DataConfig(train_shards=str(root / "shards"), global_batch_size=args.batch,
+                             micro_batch_size=args.batch, samples_per_epoch=args.images, num_workers=workers,
+                             shuffle_buffer=500)
+            return {
+                "stream": lambda: build_train_stream(cfg, img_size=IMG_SIZE, seed=0, rank=0, world_size=1),
+                "imagefolder": lambda: DataLoader(folder, batch_size=args.batch, shuffle=True, num_workers=workers),
+                "decode_only": lambda: DataLoader(decode, batch_size=args.batch, num_workers=workers),
+            }
+
+        parallel = best_costs(pipelines(args.workers), args.images, args.repeats)
+        single = best_costs(pipelines(0), args.images // 2, args.repeats)
+        print(f"{'':12s} {args.workers} workers: images/s   1 process: CPU ms/image")
+        for name in parallel:
+            print(f"{name:12s} {parallel[name][0]:20.1f} {single[name][1]:22.2f}")
+
+    figures = {"images": args.images, "workers": args.workers, "batch": args.batch, "img_size": IMG_SIZE,
+               "mean_jpeg_kb": round(mean_kb, 1)}
+    for name in parallel:
+        figures[f"{name}_images_per_s"] = round(parallel[name][0], 1)
+        figures[f"{name}_cpu_ms_per_image"] = round(single[name][1], 3)
+    for a, b in (("stream", "imagefolder"), ("stream", "decode_only"), ("imagefolder", "decode_only")):
+        figures[f"{a}_vs_{b}"] = round(parallel[a][0] / parallel[b][0], 3)
+        figures[f"{a}_vs_{b}_cpu"] = round(single[b][1] / single[a][1], 3)
+    figures.update(cpu_count=os.cpu_count(), load_avg_1min_at_end=round(os.getloadavg()[0], 2))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""``python -m data_tools {convert,verify,info,demo}`` (also installed as ``vitscale-data``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+from .sources import FORMATS
+
+EXIT_PROBLEMS = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    conv = commands.add_parser("convert", help="convert an image dataset into webdataset shards")
+    conv.add_argument("source", help="ImageFolder root, folder of <class>.tar files, or a CSV/TSV 'path,label' list")
+    conv.add_argument("out", help="shard directory (several splits may share it)")
+    conv.add_argument("--split", default="train", help="split name, prefix of the shard files (default train)")
+    conv.add_argument("--format", dest="fmt", choices=FORMATS, help="source layout (detected when left out)")
+    conv.add_argument("--class-map", help="class list (classes.json, {name: index} JSON, or one name per line); "
+                                          "default: OUT/classes.json if present, else sorted class names")
+    size = conv.add_mutually_exclusive_group()
+    size.add_argument("--samples-per-shard", type=int, help="samples per shard")
+    size.add_argument("--shard-size", help="source bytes per shard, e.g. 1GB or 500MiB (default 1GB)")
+    conv.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    conv.add_argument("--resize-max", type=int, help="re-encode images whose longer side exceeds this many pixels")
+    conv.add_argument("--quality", type=int, default=95, help="JPEG quality of resized images (default 95)")
+    conv.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    conv.add_argument("--name", help="dataset name in _info.json (default: the source folder's name)")
+    conv.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    check = commands.add_parser("verify", help="re-read every shard: checksums, counts, decoding, labels")
+    check.add_argument("out")
+
+    show = commands.add_parser("info", help="samples per split and class, bytes, image sizes")
+    show.add_argument("out")
+    show.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    demo = commands.add_parser("demo", help="write the bundled digits demo dataset and its shards")
+    demo.add_argument("out", nargs="?", default="data/demo", help="output folder (default data/demo)")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (OSError, ValueError, KeyError) as err:  # bad input or state: ConversionError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_PROBLEMS
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    summary = convert(args.source, args.out, split=args.split, fmt=args.fmt, class_map=args.class_map,
+                      samples_per_shard=args.samples_per_shard, shard_size=args.shard_size, workers=args.workers,
+                      resize_max=args.resize_max, quality=args.quality, seed=args.seed, name=args.name,
+                      progress=not args.no_progress)
+    print(f"{summary['split']}: {summary['num_samples']} samples in {summary['shards']} shards "
+          f"({summary['shards_written']} written now), {summary['skipped']} skipped"
+          + (f" (reasons in {summary['errors_file']})" if summary["skipped"] else "")
+          + f", {summary['seconds']:.1f} s")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    problems = verify(args.out)
+    for problem in problems:
+        print(problem)
+    print(f"{args.out}: {'OK' if not problems else f'{len(problems)} problems'}", file=sys.stderr)
+    return EXIT_PROBLEMS if problems else 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .info import format_info, info
+
+    summary = info(args.out)
+    print(json.dumps(summary, indent=1) if args.json else format_info(summary))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import write_demo
+
+    shards = write_demo(args.out, progress=True)
+    print(f"demo shards in {shards} (splits train and val)")
+    return 0
+
+
+COMMANDS = {"convert": _convert, "verify": _verify, "info": _info, "demo": _demo}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The bundled demo dataset: scikit-learn's handwritten digits as an ImageFolder and as shards.
+
+1,797 real 8x8 greyscale digits (10 classes) ship inside scikit-learn, so the demo
+and the tests need no download. They are upscaled to 32 px RGB PNGs, split
+stratified into 1,497 train / 300 val with a fixed seed, written to
+``OUT/images/{train,val}/<digit>/<index>.png`` and converted into
+``OUT/shards`` (splits ``train`` and ``val``, 200 samples per shard, so train has
+several shards, the last one shorter). Rerunning it reuses finished shards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image
+
+from .convert import convert
+from .manifest import CLASSES_FILE
+
+IMAGE_SIZE = 32
+VAL_SAMPLES = 300
+SAMPLES_PER_SHARD = 200
+SEED = 0
+NAME = "digits"
+
+
+def write_images(images_dir: Path) -> dict[str, int]:
+    """Write the digits as ``images_dir/{train,val}/<digit>/<index>.png``; return images per split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    indices = np.arange(len(digits.target))
+    train, val = train_test_split(indices, test_size=VAL_SAMPLES, stratify=digits.target, random_state=SEED)
+    for split, chosen in (("train", train), ("val", val)):
+        for index in chosen:
+            folder = images_dir / split / str(digits.target[index])
+            folder.mkdir(parents=True, exist_ok=True)
+            grey = (digits.images[index] * (255.0 / 16.0)).round().astype(np.uint8)
+            image = Image.fromarray(grey, "L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+            image.convert("RGB").save(folder / f"{index:04d}.png")
+    return {"train": len(train), "val": len(val)}
+
+
+def write_demo(out: Union[str, Path] = "data/demo", progress: bool = False) -> Path:
+    """Write the demo ImageFolder and its shards under ``out``; return the shards directory."""
+    out = Path(out)
+    shards = out / "shards"
+    write_images(out / "images")
+    convert(out / "images" / "train", shards, split="train", fmt="imagefolder",
+            samples_per_shard=SAMPLES_PER_SHARD, seed=SEED, name=NAME, progress=progress)
+    convert(out / "images" / "val", shards, split="val", fmt="imagefolder", class_map=shards / CLASSES_FILE,
+            samples_per_shard=SAMPLES_PER_SHARD, seed=SEED, progress=progress)
+    return shards

@@ -1,0 +1,111 @@
+"""Read and write the files that describe a shard directory.
+
+A shard directory holds, next to the ``{split}-{000000..N}.tar`` shards:
+
+- ``_info.json`` in timm's webdataset-reader layout, ``{"name", "splits": {split:
+  {"name", "filenames", "shard_lengths", "num_samples"}}}``. Each split entry also
+  carries ``sha256`` (one hex digest per shard, same order as ``filenames``),
+  ``plan_sha256`` (identifies the conversion that wrote it, so a rerun can tell
+  "already done" from "a different dataset") and ``stats`` (bytes, samples per
+  class, image sizes, skipped count). timm reads only the keys it knows, so the
+  extras keep it compatible.
+- ``classes.json``: a JSON list, label index -> class name (WordNet id for ImageNet).
+- ``_errors.jsonl``: one JSON object per skipped source item (``split``, ``path``, ``reason``).
+
+The training stream imports this module, so it depends on the standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple, Optional, Union
+
+INFO_FILE = "_info.json"
+CLASSES_FILE = "classes.json"
+ERRORS_FILE = "_errors.jsonl"
+
+PathLike = Union[str, os.PathLike]
+
+
+class SplitFiles(NamedTuple):
+    """One split of a shard directory: shard paths, samples per shard, class names."""
+
+    shards: list[Path]
+    lengths: list[int]
+    classes: Optional[list[str]]
+    """Label index -> class name from ``classes.json``; None when the directory has none."""
+
+
+def shard_name(split: str, index: int) -> str:
+    """File name of shard ``index`` of ``split`` (``train-000003.tar``)."""
+    return f"{split}-{index:06d}.tar"
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_info(out: PathLike) -> dict:
+    """The parsed ``_info.json`` of shard directory ``out``."""
+    path = Path(out) / INFO_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: {out} is not a converted shard directory "
+            "(write one with `python -m data_tools convert SOURCE OUT`)"
+        )
+    info = json.loads(path.read_text())
+    if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
+        raise ValueError(f"{path} is not in timm's layout: expected {{'name', 'splits': {{split: ...}}}}")
+    return info
+
+
+def read_classes(out: PathLike) -> Optional[list[str]]:
+    """``classes.json`` of ``out`` as a list indexed by label, or None when there is none."""
+    path = Path(out) / CLASSES_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if isinstance(data, dict):
+        return [str(data[str(i)]) for i in range(len(data))]
+    return [str(name) for name in data]
+
+
+def read_split(out: PathLike, split: str) -> SplitFiles:
+    """Shard files, their sample counts and the class names of ``split`` in ``out``."""
+    out = Path(out)
+    splits = read_info(out)["splits"]
+    if split not in splits:
+        raise KeyError(f"{out / INFO_FILE} has no split {split!r}; it has {sorted(splits)}")
+    entry = splits[split]
+    return SplitFiles([out / name for name in entry["filenames"]], list(entry["shard_lengths"]), read_classes(out))
+
+
+def write_split(out: Path, split: str, entry: dict, name: str) -> None:
+    """Add or replace ``split`` in ``out/_info.json``, keeping the other splits."""
+    path = out / INFO_FILE
+    info = read_info(out) if path.is_file() else {"name": name, "splits": {}}
+    info["splits"][split] = entry
+    write_json_atomic(path, info)
+
+
+def read_errors(out: PathLike) -> list[dict]:
+    """All entries of ``out/_errors.jsonl`` (empty when nothing was skipped)."""
+    path = Path(out) / ERRORS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_errors(out: Path, split: str, errors: list[dict]) -> None:
+    """Replace ``split``'s entries in ``out/_errors.jsonl``, keeping the other splits'."""
+    kept = [e for e in read_errors(out) if e.get("split") != split]
+    lines = [json.dumps(e) for e in kept + [{"split": split, **e} for e in errors]]
+    path = out / ERRORS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)

@@ -1,0 +1,314 @@
+"""The finetuning loop on Accelerate: DDP or ZeRO (plugin), mixed precision, checkpoints, preemption.
+
+Everything but the loop comes from ``pretrain/``: model, data streams, batch
+preprocessing, optimizer and schedule, loss, metrics, the checkpoint layout and
+the preemption flag. What is finetune-specific lives in ``finetune.load``
+(head swap, pos-embed resampling) and here.
+
+Resume order (big_vision's): a complete checkpoint in the run directory wins;
+otherwise the model starts from ``init`` with a fresh head. A checkpoint is
+``accelerator.save_state`` (weights, optimizer, schedule, per-process RNG) in
+``checkpoints/step_N/`` plus ``trainer_state.json`` (step, samples, stream
+position, resolved config), committed with the shared complete-marker protocol.
+
+Why ``accumulate()`` and Accelerate's optimizer wrapper rather than a hand-rolled
+``no_sync``: the same loop then runs under the DeepSpeed plugin, where the
+engine owns accumulation, clipping and the step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+from PIL import Image
+
+from pretrain.checkpoint import CheckpointDir, atomic_write_text, check_shapes, param_shapes, save_collective
+from pretrain.config import ConfigError, config_to_dict, dump_config
+from pretrain.data import StreamPosition, TrainStream, build_eval_stream, build_train_stream
+from pretrain.distributed import DistEnv
+from pretrain.engine import grad_accum_steps
+from pretrain.flops import flops_per_image
+from pretrain.loss import LossFn, build_loss, target_kind
+from pretrain.metrics import (MetricsWriter, Stopwatch, Throughput, console_line, device_peak_tflops, memory_gb,
+                              quiet_library_warnings)
+from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.signals import EXIT_PREEMPTED, PreemptionFlag
+from pretrain.train import EXIT_NONFINITE
+from pretrain.transforms import BatchPreprocessor
+
+from .attention import attention_panel, predict_with_rollout
+from .config import FinetuneConfig
+from .evaluate import EvalResult, evaluate_model
+from .export import EXPORT_DIR, TRAINER_STATE, write_export
+from .load import build_finetune_model, load_pretrained
+
+log = logging.getLogger("finetune")
+
+ATTENTION_IMAGES = 4
+"""Eval images whose attention rollout is logged to TensorBoard at each evaluation."""
+
+
+@dataclass
+class TrainerState:
+    """What the loop needs, beyond Accelerate's state, to continue exactly where it stopped."""
+
+    step: int = 0
+    samples: int = 0
+    position: Optional[dict[str, int]] = None
+    nonfinite_in_a_row: int = 0
+
+
+@dataclass
+class Parts:
+    """The prepared objects one run works with."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    preprocess: BatchPreprocessor
+    loss_fn: LossFn
+    accum: int
+    clip: float
+    """Gradient-norm clip; ``inf`` when disabled (the norm is still measured)."""
+
+
+# ------------------------------------------------------------------- setup
+
+
+def check_config(cfg: FinetuneConfig, world_size: int) -> None:
+    """Every check that needs no process group and no weights (``ConfigError``, exit status 2)."""
+    cfg.validate(world_size)
+    try:
+        build_loss(cfg.optim)
+        build_scheduler(build_optimizer(torch.nn.Linear(1, 1), cfg.optim), cfg.schedule)
+    except ValueError as exn:
+        raise ConfigError(str(exn)) from None
+    if cfg.checkpoint.every_steps < 1 or cfg.eval.every_steps < 0 or cfg.logging.every_steps < 1:
+        raise ConfigError("checkpoint.every_steps and logging.every_steps must be >= 1, eval.every_steps >= 0")
+    if cfg.optim.max_nonfinite_steps < 1:
+        raise ConfigError(f"optim.max_nonfinite_steps must be >= 1, got {cfg.optim.max_nonfinite_steps}")
+
+
+def join_job() -> DistEnv:
+    """Read rank/world from torchrun, ``accelerate launch`` or SLURM, and export the ``env://`` set.
+
+    Under ``srun`` without torchrun only ``SLURM_*`` exists; Accelerate reads ``RANK``/``WORLD_SIZE``.
+    """
+    env = DistEnv.from_env()
+    if env.world_size > 1:
+        env.export()
+    return env
+
+
+def build_accelerator(cfg: FinetuneConfig, accum: int) -> Accelerator:
+    """DDP (CPU or GPU) or the DeepSpeed plugin; the schedule is stepped by us, once per optimizer step."""
+    on_cpu = not torch.cuda.is_available()
+    kwargs: dict[str, Any] = dict(
+        mixed_precision=cfg.accelerate.mixed_precision,
+        gradient_accumulation_steps=accum,
+        step_scheduler_with_optimizer=False,
+        dynamo_backend="inductor" if cfg.model.compile else "no",
+    )
+    if cfg.accelerate.zero_stage is None:
+        return Accelerator(cpu=on_cpu, **kwargs)
+    plugin = DeepSpeedPlugin(zero_stage=cfg.accelerate.zero_stage, gradient_accumulation_steps=accum,
+                             gradient_clipping=cfg.optim.grad_clip or None)
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.micro_batch_size
+    # On CPU the plugin is ignored with cpu=True; it needs an explicit gloo group instead (FACTS.md).
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
+    return Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers, **kwargs)
+
+
+def setup(cfg: FinetuneConfig, env: DistEnv, resume_from: Optional[Path]) -> Parts:
+    """Model (pretrained unless resuming), Accelerator, optimizer, schedule, preprocessing, loss."""
+    accum = grad_accum_steps(cfg, env.world_size)
+    model = build_finetune_model(cfg)
+    if resume_from is None:
+        load_pretrained(model, cfg.init)
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing()
+    accelerator = build_accelerator(cfg, accum)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.schedule)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    preprocess = BatchPreprocessor(cfg.data, cfg.model.num_classes, target=target_kind(cfg.optim))
+    return Parts(accelerator, model, optimizer, scheduler, preprocess, build_loss(cfg.optim), accum,
+                 cfg.optim.grad_clip or math.inf)
+
+
+def restore(parts: Parts, checkpoint_path: Path, meta: dict[str, Any]) -> TrainerState:
+    """Load Accelerate's state (weights, optimizer, schedule, RNG) and our trainer state."""
+    check_shapes(meta.get("param_shapes", {}), param_shapes(parts.accelerator.unwrap_model(parts.model)),
+                 checkpoint_path)
+    parts.accelerator.load_state(str(checkpoint_path))
+    saved = json.loads((checkpoint_path / TRAINER_STATE).read_text())
+    return TrainerState(**saved["state"])
+
+
+# -------------------------------------------------------------------- step
+
+
+def train_step(parts: Parts, stream: TrainStream, stopwatch: Stopwatch) -> tuple[torch.Tensor, Optional[float], float]:
+    """One optimizer step over ``accum`` micro-batches: (mean loss on this rank, grad norm, data wait s).
+
+    A non-finite gradient norm skips the update and the schedule (as DeepSpeed's ZeRO does).
+    """
+    acc, model = parts.accelerator, parts.model
+    losses, data_time = [], 0.0
+    for _ in range(parts.accum):
+        stopwatch.lap()
+        images, labels = next(stream)
+        data_time += stopwatch.lap()
+        x, target = parts.preprocess(images, labels, acc.device)
+        with acc.accumulate(model):
+            loss = parts.loss_fn(model(x), target)
+            acc.backward(loss)
+        losses.append(loss.detach())
+    grad_norm = acc.clip_grad_norm_(model.parameters(), parts.clip)
+    norm = None if grad_norm is None else float(grad_norm)
+    if norm is None or math.isfinite(norm):
+        parts.optimizer.step()
+        parts.scheduler.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    return torch.stack(losses).mean(), norm, data_time
+
+
+# -------------------------------------------------------------- bookkeeping
+
+
+def save(parts: Parts, cfg: FinetuneConfig, state: TrainerState, ckdir: CheckpointDir) -> bool:
+    """Checkpoint ``state.step`` on every rank; True if every rank wrote it and it was committed."""
+    acc = parts.accelerator
+
+    def write(path: Path) -> None:
+        acc.save_state(str(path))
+        if acc.is_main_process:
+            payload = {"state": asdict(state), "config": config_to_dict(cfg)}
+            atomic_write_text(path / TRAINER_STATE, json.dumps(payload, indent=1))
+
+    meta = {"world_size": acc.num_processes, "param_shapes": param_shapes(acc.unwrap_model(parts.model))}
+    return save_collective(ckdir, state.step, write, meta, cfg.checkpoint.keep_last) is not None
+
+
+def run_eval(parts: Parts, cfg: FinetuneConfig, env: DistEnv, step: int, writer: MetricsWriter) -> EvalResult:
+    """Exact top-1/top-5 over the eval set on all ranks; rollout maps of a few images to TensorBoard."""
+    acc = parts.accelerator
+    stream = build_eval_stream(cfg.data, img_size=cfg.model.img_size, rank=env.rank, world_size=env.world_size)
+    result = evaluate_model(parts.model, stream, parts.preprocess, cfg.model.num_classes, cfg.model.img_size,
+                            acc.device, max_batches=cfg.eval.max_batches)
+    writer.write(step, {"eval/top1": result.top1, "eval/top5": result.top5, "eval/samples": float(result.total)})
+    # ZeRO-3 partitions the weights: the plain module cannot run a forward on one rank.
+    if acc.is_main_process and cfg.accelerate.zero_stage != 3:
+        images, labels = next(iter(stream))
+        images, labels = images[:ATTENTION_IMAGES], labels[:ATTENTION_IMAGES]
+        x, _ = parts.preprocess(images, labels, acc.device, train=False)
+        model = acc.unwrap_model(parts.model)
+        model.eval()
+        _, maps = predict_with_rollout(model, x)
+        model.train()
+        for i, (image, heat) in enumerate(zip(images, maps)):
+            panel = attention_panel(Image.fromarray(image.permute(1, 2, 0).numpy()), heat.cpu())
+            writer.write_image(step, f"attention/{i}", np.asarray(panel))
+    writer.flush()
+    return result
+
+
+def export(parts: Parts, cfg: FinetuneConfig) -> Optional[Path]:
+    """Write ``<run>/export/`` (consolidating ZeRO shards on every rank first); the path on rank 0."""
+    acc = parts.accelerator
+    state_dict = acc.get_state_dict(parts.model)
+    if not acc.is_main_process:
+        return None
+    return write_export(state_dict, acc.unwrap_model(parts.model), cfg, cfg.run.path / EXPORT_DIR)
+
+
+# -------------------------------------------------------------------- loop
+
+
+def train(cfg: FinetuneConfig) -> int:
+    """Finetune ``cfg`` to ``schedule.total_steps``; 0 when done, ``EXIT_PREEMPTED`` after a signal + save."""
+    env = join_job()
+    quiet_library_warnings(env.rank)
+    run_dir = cfg.run.path
+    ckdir = CheckpointDir(run_dir / "checkpoints")
+    latest = ckdir.find() if cfg.checkpoint.resume else None
+    parts = setup(cfg, env, latest.path if latest else None)
+    acc = parts.accelerator
+    state = restore(parts, latest.path, latest.meta) if latest else TrainerState()
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+        log.info("%s at step %d (%d steps of %d images, %d micro-batches per process)",
+                 f"resumed from {latest.path}" if latest else f"finetuning from {cfg.init}",
+                 state.step, cfg.schedule.total_steps, cfg.data.global_batch_size, parts.accum)
+    position = StreamPosition.from_dict(state.position) if state.position else None
+    stream = build_train_stream(cfg.data, img_size=cfg.model.img_size, seed=cfg.run.seed, rank=env.rank,
+                                world_size=env.world_size, position=position)
+    writer = MetricsWriter(run_dir, enabled=acc.is_main_process, tensorboard=cfg.logging.tensorboard)
+    throughput = Throughput(flops_per_image(acc.unwrap_model(parts.model)), env.world_size,
+                            device_peak_tflops(acc.device, cfg.logging.peak_tflops), cfg.model.grad_checkpointing)
+    stopwatch, step_clock = Stopwatch(), Stopwatch()
+    flag = PreemptionFlag().install()
+    try:
+        while state.step < cfg.schedule.total_steps:
+            # --- one optimizer step
+            loss, norm, data_time = train_step(parts, stream, stopwatch)
+            state.step += 1
+            state.samples += cfg.data.global_batch_size
+            state.position = stream.position().to_dict()
+            throughput.add(cfg.data.global_batch_size, step_clock.lap(), data_time)
+            state.nonfinite_in_a_row = 0 if norm is None or math.isfinite(norm) else state.nonfinite_in_a_row + 1
+            if state.nonfinite_in_a_row >= cfg.optim.max_nonfinite_steps:
+                save(parts, cfg, state, ckdir)
+                log.error("stopping: %d optimizer steps in a row had a non-finite gradient norm (updates skipped); "
+                          "saved at step %d. Lower optim.lr, check the data, or raise optim.max_nonfinite_steps",
+                          state.nonfinite_in_a_row, state.step)
+                return EXIT_NONFINITE
+            # --- logging
+            if state.step % cfg.logging.every_steps == 0 or state.step == cfg.schedule.total_steps:
+                scalars = {"train/loss": float(acc.reduce(loss, "mean")), "train/lr": parts.scheduler.get_last_lr()[0],
+                           "perf/mem_gb": memory_gb(acc.device), **throughput.report()}
+                if norm is not None:
+                    scalars["train/grad_norm"] = norm
+                writer.write(state.step, scalars)
+                if acc.is_main_process:
+                    log.info(console_line(state.step, cfg.schedule.total_steps, scalars))
+            # --- evaluation
+            if cfg.data.eval_shards and cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 \
+                    and state.step < cfg.schedule.total_steps:
+                run_eval(parts, cfg, env, state.step, writer)
+            # --- checkpoint, preemption
+            stop = bool(acc.reduce(torch.tensor(int(flag.requested), device=acc.device), "sum") > 0)
+            if stop or state.step % cfg.checkpoint.every_steps == 0:
+                saved = save(parts, cfg, state, ckdir)
+                if stop:
+                    if acc.is_main_process:
+                        log.warning("preempted at step %d; checkpoint %s", state.step,
+                                    "saved" if saved else "NOT saved")
+                    return EXIT_PREEMPTED if saved else 1
+        # --- final evaluation and export
+        if cfg.data.eval_shards:
+            result = run_eval(parts, cfg, env, state.step, writer)
+            if acc.is_main_process:
+                log.info("final eval at step %d: %s", state.step, result.summary())
+        if state.step % cfg.checkpoint.every_steps:
+            save(parts, cfg, state, ckdir)
+        out = export(parts, cfg)
+        if out is not None:
+            log.info("exported the finetuned model to %s", out)
+        return 0
+    finally:
+        flag.restore()
+        writer.close()
+        stream.close()
+        acc.end_training()

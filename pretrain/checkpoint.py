@@ -1,0 +1,315 @@
+"""Run-directory checkpoints: ``<run>/checkpoints/step_{N:08d}/``, atomic from the reader's view.
+
+Layout and protocol (engine-agnostic; ``finetune`` uses it with Accelerate):
+
+* Every rank writes its files into ``step_N/`` (a stale, never-completed ``step_N/``
+  from a crashed attempt is removed first).
+* Ranks agree that all writes succeeded (one all-reduce); only then rank 0 writes
+  ``step_N/complete.json`` (step, world size, parameter shapes, ...) atomically
+  (temp file + ``os.replace``) and then moves ``checkpoints/latest`` the same way.
+  ``latest`` holds the tag, as DeepSpeed's own ``latest`` file does.
+* ``find_latest`` trusts ``latest`` only if its directory is complete, else falls
+  back to the newest complete directory: a run killed mid-write (or a full disk)
+  is never resumed from a half-written checkpoint.
+* The last ``keep_last`` complete checkpoints are kept; older ones are purged.
+
+A failed save (``OSError``: full disk, quota) removes its own partial directory,
+leaves ``latest`` and the previous checkpoint untouched, and says so.
+
+DeepSpeed part: ``save_checkpoint(..., save_latest=False)`` under the tag, per-rank
+RNG state next to it (DeepSpeed keeps ``client_state`` of rank 0 only), loading
+with an up-front shape check, and on-demand conversion to a universal checkpoint
+when the world size changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MARKER = "complete.json"
+LATEST = "latest"
+UNIVERSAL = "universal"
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` so that readers see the old content or the new one, never a torn file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete checkpoint directory and its marker's metadata."""
+
+    step: int
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tag(self) -> str:
+        return self.path.name
+
+    @property
+    def world_size(self) -> Optional[int]:
+        return self.meta.get("world_size")
+
+
+class CheckpointDir:
+    """The ``checkpoints/`` folder of a run; the write-side methods are called on rank 0 only."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, step: int) -> Path:
+        return self.root / step_tag(step)
+
+    def read(self, path: Path) -> Optional[Checkpoint]:
+        """The checkpoint in ``path`` if it is complete, else None."""
+        match = _TAG.match(path.name)
+        marker = path / MARKER
+        if not match or not marker.is_file():
+            return None
+        try:
+            meta = json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return Checkpoint(int(match.group(1)), path, meta)
+
+    def complete(self) -> list[Checkpoint]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = (self.read(p) for p in self.root.iterdir() if p.is_dir())
+        return sorted((c for c in found if c is not None), key=lambda c: c.step)
+
+    def find(self, step: Optional[int] = None) -> Optional[Checkpoint]:
+        """Checkpoint ``step`` (None if absent or incomplete), or the latest complete one if ``step`` is None."""
+        if step is not None:
+            return self.read(self.path(step))
+        latest = self.root / LATEST
+        if latest.is_file():
+            pointed = self.read(self.root / latest.read_text().strip())
+            if pointed is not None:
+                return pointed
+        done = self.complete()
+        return done[-1] if done else None
+
+    def begin(self, step: int) -> Path:
+        """Make ``step_N/`` ready for writing: a leftover incomplete one is removed."""
+        path = self.path(step)
+        if path.exists() and self.read(path) is None:
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def commit(self, step: int, meta: dict[str, Any]) -> Checkpoint:
+        """Mark ``step_N/`` complete, then point ``latest`` at it."""
+        path = self.path(step)
+        meta = {"step": step, **meta}
+        atomic_write_text(path / MARKER, json.dumps(meta, indent=1))
+        atomic_write_text(self.root / LATEST, path.name)
+        return Checkpoint(step, path, meta)
+
+    def abort(self, step: int) -> None:
+        """Remove the partial ``step_N/`` of a failed save (it was never marked complete)."""
+        path = self.path(step)
+        if path.exists() and self.read(path) is None:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def purge(self, keep_last: int) -> list[Path]:
+        """Delete all but the newest ``keep_last`` complete checkpoints, and incomplete ones older than them."""
+        done = self.complete()
+        if keep_last <= 0 or len(done) <= keep_last:
+            return []
+        oldest_kept = done[-keep_last].step
+        removed = []
+        for path in sorted(self.root.iterdir()):
+            match = _TAG.match(path.name)
+            if path.is_dir() and match and int(match.group(1)) < oldest_kept:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
+
+
+# ------------------------------------------------------------- shared helpers
+
+
+def param_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """Parameter name -> full shape (ZeRO-3 partitioned parameters report ``ds_shape``)."""
+    return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+
+
+def check_shapes(saved: dict[str, list[int]], current: dict[str, list[int]], where: Path) -> None:
+    """Raise naming every parameter whose presence or shape differs between checkpoint and model."""
+    problems = [f"{k}: checkpoint {saved[k]} vs model {current[k]}"
+                for k in saved.keys() & current.keys() if saved[k] != current[k]]
+    problems += [f"{k}: only in the checkpoint" for k in saved.keys() - current.keys()]
+    problems += [f"{k}: only in the model" for k in current.keys() - saved.keys()]
+    if problems:
+        shown = "\n  ".join(sorted(problems)[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ValueError(
+            f"checkpoint {where} was saved from a different model ({len(problems)} mismatching parameters):\n  "
+            f"{shown}{more}\nuse a new run.dir, or set the model config to the one in {where}/{MARKER}"
+        )
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _all_ok(ok: bool) -> bool:
+    """True if ``ok`` on every rank."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0
+
+
+def save_collective(ckdir: CheckpointDir, step: int, write: Callable[[Path], None], meta: dict[str, Any],
+                    keep_last: int) -> Optional[Checkpoint]:
+    """Run ``write(step_dir)`` on every rank and commit only if every rank succeeded.
+
+    Returns the new checkpoint, or None if some rank hit an ``OSError`` (the partial
+    directory is removed; the previous checkpoint and ``latest`` stay as they were).
+    """
+    rank = _rank()
+    if rank == 0:
+        ckdir.begin(step)
+    _barrier()
+    error: Optional[OSError] = None
+    try:
+        write(ckdir.path(step))
+    except OSError as exn:
+        error = exn
+    if not _all_ok(error is None):
+        if error is not None:
+            log.error("rank %d: saving checkpoint %s failed: %s", rank, ckdir.path(step), error)
+        if rank == 0:
+            ckdir.abort(step)
+            previous = ckdir.find()
+            log.error("checkpoint %s was NOT saved (a rank failed to write it, e.g. a full disk); %s",
+                      step_tag(step), f"the previous checkpoint {previous.path} is intact and stays latest"
+                      if previous else "there is no earlier checkpoint")
+        _barrier()
+        return None
+    checkpoint = None
+    if rank == 0:
+        checkpoint = ckdir.commit(step, meta)
+        for path in ckdir.purge(keep_last):
+            log.info("removed old checkpoint %s", path)
+    _barrier()
+    return checkpoint or ckdir.read(ckdir.path(step))
+
+
+# ----------------------------------------------------------------- DeepSpeed
+
+
+def save_deepspeed(engine: Any, ckdir: CheckpointDir, step: int, client_state: dict[str, Any],
+                   meta: dict[str, Any], keep_last: int) -> Optional[Checkpoint]:
+    """DeepSpeed checkpoint under ``step_N`` plus this rank's RNG state; see ``save_collective``."""
+    def write(path: Path) -> None:
+        engine.save_checkpoint(str(ckdir.root), tag=path.name, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), path / f"rng_rank{_rank():05d}.pt")
+
+    return save_collective(ckdir, step, write, {"world_size": engine.world_size, **meta}, keep_last)
+
+
+def universal_path(checkpoint: Checkpoint) -> Path:
+    return checkpoint.path / UNIVERSAL
+
+
+def convert_to_universal(checkpoint: Checkpoint) -> Path:
+    """Rank 0 converts ``step_N`` to a universal checkpoint in ``step_N/universal`` (once); all ranks wait.
+
+    Needed to resume on a different number of processes: a ZeRO checkpoint's
+    optimizer state is partitioned for the world size that wrote it.
+    """
+    out = universal_path(checkpoint)
+    done = out / MARKER
+    if _rank() == 0 and not done.is_file():
+        if out.exists():
+            shutil.rmtree(out)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint.path),
+               "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"converting {checkpoint.path} to a universal checkpoint failed "
+                               f"(exit {result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+        atomic_write_text(done, json.dumps({"source": checkpoint.tag}))
+    _barrier()
+    return out
+
+
+def load_deepspeed(engine: Any, checkpoint: Checkpoint, shapes: dict[str, list[int]],
+                   universal: bool = False) -> dict[str, Any]:
+    """Load weights, optimizer, scheduler and this rank's RNG; return the client state.
+
+    ``universal``: load ``step_N/universal`` (the engine must have been built with
+    ``checkpoint.load_universal``). The parameter shapes are checked first, so a
+    checkpoint of another model fails with the mismatching names.
+    """
+    check_shapes(checkpoint.meta.get("param_shapes", {}), shapes, checkpoint.path)
+    load_dir, tag = (checkpoint.path, UNIVERSAL) if universal else (checkpoint.path.parent, checkpoint.tag)
+    path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint to load in {load_dir}/{tag}")
+    rng_file = checkpoint.path / f"rng_rank{_rank():05d}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state or {}

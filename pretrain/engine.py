@@ -1,0 +1,135 @@
+"""The DeepSpeed engine, from a config dict derived from our typed ``Config``.
+
+Why derive instead of keeping a DeepSpeed JSON next to the YAML: two files that
+must agree (batch sizes, precision, clipping) drift. ``deepspeed_config`` is the
+single translation; ``deepspeed.extra`` is merged last for settings vitscale does
+not model.
+
+Choices made here:
+
+* The optimizer is a ``torch.optim`` one (``pretrain.optim``); ZeRO partitions its
+  state just the same, and DeepSpeed's own CPU Adam would JIT-compile for minutes.
+* Non-finite steps: DeepSpeed's ZeRO optimizers skip an update whose gradient norm
+  is inf/NaN (and then do not step the LR schedule). For fp32 that check is always
+  on at stages 1-3; for bf16 we switch it on (``check_grad_overflow``); fp16 has
+  it through loss scaling. Stage 0 (a plain torch optimizer) has no such check:
+  ``discard_gradients`` drops the gradients so the optimizer skips every parameter.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from pretrain.config import Config, ConfigError
+from pretrain.optim import build_optimizer, build_scheduler
+
+STEPS_PER_PRINT_NEVER = 1 << 62
+"""DeepSpeed prints its own per-step lines every ``steps_per_print`` steps; ours replace them."""
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def grad_accum_steps(cfg: Config, world_size: int) -> int:
+    per_pass = cfg.data.micro_batch_size * world_size
+    if cfg.data.micro_batch_size <= 0 or cfg.data.global_batch_size % per_pass:
+        raise ConfigError(
+            f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by data.micro_batch_size="
+            f"{cfg.data.micro_batch_size} x world size {world_size}: change the global batch or the micro-batch"
+        )
+    return cfg.data.global_batch_size // per_pass
+
+
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config dict for ``cfg`` on ``world_size`` processes."""
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 2:
+        zero.update(overlap_comm=torch.cuda.is_available(), contiguous_gradients=True)
+    if ds.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+    if ds.offload_optimizer:
+        if ds.zero_stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config: dict[str, Any] = {
+        "train_batch_size": cfg.data.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps(cfg, world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": ds.precision == "bf16", "check_grad_overflow": True},
+        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": STEPS_PER_PRINT_NEVER,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    return _deep_merge(config, ds.extra)
+
+
+def build_engine(model: nn.Module, cfg: Config, ds_config: dict[str, Any]) -> Any:
+    """Wrap ``model`` with its optimizer and LR schedule in a DeepSpeed engine (process group must exist)."""
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.schedule)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    return engine
+
+
+def current_lr(engine: Any) -> float:
+    return float(engine.get_lr()[0])
+
+
+def grad_norm(engine: Any) -> float:
+    """Global gradient norm of the last optimizer step (before clipping); NaN if DeepSpeed has none."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+
+def discard_gradients(engine: Any) -> None:
+    """Make the coming ``engine.step()`` a no-op for a step with a non-finite loss.
+
+    ZeRO stages skip such steps themselves (inf/NaN gradient norm). Without ZeRO the
+    optimizer is the torch one, which leaves parameters whose ``grad`` is None untouched.
+    """
+    if engine.zero_optimization_stage() == 0:
+        for param in engine.module.parameters():
+            param.grad = None
+
+
+def optimizer_state_elements(engine: Any) -> dict[str, int]:
+    """Elements of fp32 master weights and optimizer state held by this rank.
+
+    Where ZeRO keeps them: the wrapped torch optimizer's ``state`` (Adam moments,
+    per partition), and the fp32 partitions ``single_partition_of_fp32_groups``
+    (stages 1/2) or ``fp32_partitioned_groups_flat`` (stage 3); stage 0 keeps full
+    fp32 parameters in the model itself.
+    """
+    zero_opt = engine.optimizer
+    inner = getattr(zero_opt, "optimizer", zero_opt)
+    state = sum(t.numel() for s in inner.state.values() for t in s.values()
+                if isinstance(t, torch.Tensor) and t.ndim > 0)
+    if hasattr(zero_opt, "single_partition_of_fp32_groups"):
+        master = sum(t.numel() for t in zero_opt.single_partition_of_fp32_groups)
+    elif hasattr(zero_opt, "fp32_partitioned_groups_flat"):
+        master = sum(t.numel() for t in zero_opt.fp32_partitioned_groups_flat)
+    else:
+        master = sum(p.numel() for g in inner.param_groups for p in g["params"])
+    return {"optimizer_state": state, "fp32_master": master}

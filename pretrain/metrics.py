@@ -1,0 +1,190 @@
+"""Training metrics: throughput, MFU, data wait, memory; TensorBoard, a JSONL log and a console line.
+
+Why here and engine-agnostic: pretraining (DeepSpeed) and finetuning (Accelerate)
+report the same figures the same way. Only rank 0 writes; every rank measures.
+
+MFU = achieved model FLOP/s / peak FLOP/s, with achieved = 3 x forward FLOPs per
+image (backward = 2 x forward; 4 x with activation checkpointing, which recomputes
+the forward) x images/s per device. The peak is ``logging.peak_tflops`` or looked
+up from the device name in ``PEAK_TFLOPS`` (dense bf16/fp16 tensor-core figures
+from the vendors' datasheets); unknown devices (and CPUs) report no MFU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PEAK_TFLOPS: dict[str, float] = {
+    "B200": 2250.0,
+    "H200": 989.0,
+    "GH200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "L4": 121.0,
+    "V100": 125.0,
+    "MI300X": 1307.0,
+    "MI250X": 383.0,
+}
+"""Dense bf16 (fp16 for V100) peak TFLOP/s by device-name substring; the first match in this order wins."""
+
+
+def device_peak_tflops(device: torch.device, override: Optional[float] = None) -> Optional[float]:
+    """Peak TFLOP/s of ``device`` from the config override or the table (None: unknown)."""
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: allocated device memory on GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
+
+
+class Throughput:
+    """Accumulates step and data-wait time between two ``report()`` calls."""
+
+    def __init__(self, flops_per_image: float, world_size: int, peak_tflops: Optional[float],
+                 recompute: bool = False) -> None:
+        self.train_flops_per_image = flops_per_image * (4 if recompute else 3)
+        self.world_size = world_size
+        self.peak_tflops = peak_tflops
+        self.reset()
+
+    def reset(self) -> None:
+        self.images = 0
+        self.step_time = 0.0
+        self.data_time = 0.0
+
+    def add(self, images: int, step_time: float, data_time: float) -> None:
+        """``images`` over all ranks in one step of ``step_time`` s, of which ``data_time`` s waiting for data."""
+        self.images += images
+        self.step_time += step_time
+        self.data_time += data_time
+
+    def report(self) -> dict[str, float]:
+        """Figures since the last report, then start a new window."""
+        if self.step_time <= 0:
+            return {}
+        per_s = self.images / self.step_time
+        per_device = per_s / self.world_size
+        out = {
+            "perf/images_per_s": per_s,
+            "perf/images_per_s_per_device": per_device,
+            "perf/data_wait_frac": self.data_time / self.step_time,
+        }
+        if self.peak_tflops:
+            out["perf/mfu"] = per_device * self.train_flops_per_image / (self.peak_tflops * 1e12)
+        self.reset()
+        return out
+
+
+class MetricsWriter:
+    """TensorBoard scalars + ``metrics.jsonl`` (one JSON object per logged step) on rank 0; no-op elsewhere.
+
+    The JSONL file is what scripts and tests read (no TensorBoard parsing needed);
+    a resumed run appends, so the last line for a step wins.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self._tb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(run_dir / "metrics.jsonl", "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            for tag, value in scalars.items():
+                self._tb.add_scalar(tag, value, step)
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+
+    def write_image(self, step: int, tag: str, image: Any) -> None:
+        """An (H, W, 3) uint8 image to TensorBoard (e.g. attention maps); not in the JSONL log."""
+        if self._tb is not None:
+            self._tb.add_image(tag, image, step, dataformats="HWC")
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+
+def console_line(step: int, total: int, scalars: dict[str, float]) -> str:
+    """Compact rank-0 progress line, e.g. ``step 120/500 loss 1.234 lr 3.0e-04 gnorm 0.91 img/s 830 ...``."""
+    parts = [f"step {step}/{total}"]
+    fields = [("train/loss", "loss", "{:.4f}"), ("train/lr", "lr", "{:.2e}"), ("train/grad_norm", "gnorm", "{:.3f}"),
+              ("perf/images_per_s", "img/s", "{:.0f}"), ("perf/mfu", "mfu", "{:.1%}"),
+              ("perf/data_wait_frac", "data", "{:.0%}"), ("perf/mem_gb", "mem", "{:.1f}G"),
+              ("train/nonfinite_steps", "nonfinite", "{:.0f}"), ("eval/top1", "top1", "{:.2%}"),
+              ("eval/top5", "top5", "{:.2%}")]
+    for key, name, fmt in fields:
+        if key in scalars:
+            parts.append(f"{name} {fmt.format(scalars[key])}")
+    return " ".join(parts)
+
+
+def quiet_library_warnings(rank: int) -> None:
+    """Show each repeated library warning once, and DeepSpeed's info chatter nowhere.
+
+    DeepSpeed logs per step at INFO and torch warns on every ZeRO all-gather call;
+    webdataset warns about unclosed files on every shard.
+    """
+    warnings.filterwarnings("once", category=FutureWarning)
+    warnings.filterwarnings("once", category=UserWarning)
+    warnings.filterwarnings("ignore", category=ResourceWarning)
+    level = logging.WARNING if rank == 0 else logging.ERROR
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(level)
+
+
+class Stopwatch:
+    """``time.perf_counter`` deltas."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
+def format_summary(values: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())

@@ -1,0 +1,344 @@
+"""The pretraining loop: setup, one optimizer step, evaluation and bookkeeping, each its own function.
+
+Resume order (big_vision's, minus init weights): the latest *complete*
+checkpoint in ``run.dir/checkpoints`` if ``checkpoint.resume``, else scratch.
+A checkpoint written on another number of processes is converted to a
+DeepSpeed universal checkpoint first (once, cached next to it).
+
+Per optimizer step every rank runs ``grad_accum`` micro-batches through
+``engine.backward`` / ``engine.step`` (DeepSpeed applies the update on the last).
+Before that last ``step`` one all-reduce gives the mean loss, whether any rank
+saw a non-finite loss, and whether any rank got a stop signal, so all ranks take
+the same decisions at the same step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from pretrain.checkpoint import CheckpointDir, Checkpoint, convert_to_universal, load_deepspeed, param_shapes, \
+    save_deepspeed
+from pretrain.config import Config, ConfigError, config_to_dict, dump_config
+from pretrain.data import StreamPosition, build_eval_stream, build_train_stream
+from pretrain.distributed import DistEnv
+from pretrain.engine import build_engine, current_lr, deepspeed_config, discard_gradients, grad_accum_steps, grad_norm, \
+    optimizer_state_elements
+from pretrain.flops import flops_per_image
+from pretrain.loss import build_loss, target_kind
+from pretrain.metrics import MetricsWriter, Throughput, console_line, device_peak_tflops, memory_gb
+from pretrain.model import build_vit
+from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.signals import EXIT_PREEMPTED, PreemptionFlag
+from pretrain.transforms import BatchPreprocessor
+
+log = logging.getLogger("pretrain")
+
+EXIT_NONFINITE = 3
+"""Too many non-finite losses in a row (a real failure: not requeued)."""
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """Every check that can run without a process group; returns the DeepSpeed config dict."""
+    cfg.validate(world_size)
+    try:
+        build_loss(cfg.optim)
+        probe = torch.nn.Linear(1, 1)
+        build_scheduler(build_optimizer(probe, cfg.optim), cfg.schedule)
+    except ValueError as exn:
+        raise ConfigError(str(exn)) from None
+    if cfg.checkpoint.every_steps < 0 or cfg.eval.every_steps < 0 or cfg.logging.every_steps < 1:
+        raise ConfigError("checkpoint.every_steps and eval.every_steps must be >= 0, logging.every_steps >= 1")
+    if cfg.optim.max_nonfinite_steps < 1:
+        raise ConfigError(f"optim.max_nonfinite_steps must be >= 1, got {cfg.optim.max_nonfinite_steps}")
+    return deepspeed_config(cfg, world_size)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    """Optimizer steps done (applied or skipped)."""
+    samples: int = 0
+    nonfinite_total: int = 0
+    nonfinite_in_row: int = 0
+
+
+@dataclass
+class StepResult:
+    loss: float
+    nonfinite: bool
+    stop: bool
+    data_time: float
+    step_time: float
+
+
+@dataclass
+class Run:
+    """Everything ``setup`` builds and the loop uses."""
+
+    cfg: Config
+    env: DistEnv
+    device: torch.device
+    engine: Any
+    stream: Any
+    eval_stream: Any
+    preprocess: BatchPreprocessor
+    loss_fn: Any
+    ckdir: CheckpointDir
+    writer: MetricsWriter
+    throughput: Throughput
+    flag: PreemptionFlag
+    shapes: dict[str, list[int]]
+    grad_accum: int
+    dtype: torch.dtype
+    state: TrainState = field(default_factory=TrainState)
+    last_saved: int = -1
+
+
+# --------------------------------------------------------------------- setup
+
+
+def _stream_position(cfg: Config, env: DistEnv, client: dict[str, Any], resized: bool, grad_accum: int
+                     ) -> Optional[StreamPosition]:
+    """The data position to resume from; after a world-size change, recomputed from the step count."""
+    if not client:
+        return None
+    saved = StreamPosition.from_dict(client["stream_position"])
+    if not resized:
+        return saved
+    probe = build_train_stream(cfg.data, img_size=cfg.model.img_size, seed=cfg.run.seed, rank=env.rank,
+                               world_size=env.world_size, position=StreamPosition(lanes=saved.lanes))
+    epoch, batch = divmod(client["step"] * grad_accum, probe.batches_per_epoch)
+    probe.close()
+    return StreamPosition(epoch=epoch, batch=batch, lanes=saved.lanes)
+
+
+def setup(cfg: Config, env: DistEnv, device: torch.device, flag: PreemptionFlag) -> Run:
+    run_dir = cfg.run.path
+    ckdir = CheckpointDir(run_dir / "checkpoints")
+    latest: Optional[Checkpoint] = ckdir.find() if cfg.checkpoint.resume else None
+    resized = latest is not None and latest.world_size not in (None, env.world_size)
+    grad_accum = grad_accum_steps(cfg, env.world_size)
+
+    torch.manual_seed(cfg.run.seed)
+    model = build_vit(cfg.model.variant, **cfg.model.build_kwargs())
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    shapes = param_shapes(model)
+    flops = flops_per_image(model)
+    engine = build_engine(model, cfg, deepspeed_config(cfg, env.world_size, load_universal=resized))
+    if cfg.model.compile:
+        engine.compile()
+
+    state, client = TrainState(), {}
+    if latest is not None:
+        if resized:
+            log.info("checkpoint %s was written by %d processes, this run has %d: converting to a universal "
+                     "checkpoint", latest.path, latest.world_size, env.world_size)
+            convert_to_universal(latest)
+        client = load_deepspeed(engine, latest, shapes, universal=resized)
+        state = TrainState(step=client["step"], samples=client["samples"],
+                           nonfinite_total=client.get("nonfinite_total", 0))
+        log.info("resumed from %s (step %d, %d samples seen)", latest.path, state.step, state.samples)
+    stream = build_train_stream(cfg.data, img_size=cfg.model.img_size, seed=cfg.run.seed, rank=env.rank,
+                                world_size=env.world_size,
+                                position=_stream_position(cfg, env, client, resized, grad_accum))
+    eval_stream = (build_eval_stream(cfg.data, img_size=cfg.model.img_size, rank=env.rank, world_size=env.world_size)
+                   if cfg.data.eval_shards else None)
+
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    peak = device_peak_tflops(device, cfg.logging.peak_tflops)
+    return Run(
+        cfg=cfg, env=env, device=device, engine=engine, stream=stream, eval_stream=eval_stream,
+        preprocess=BatchPreprocessor(cfg.data, cfg.model.num_classes, target_kind(cfg.optim)),
+        loss_fn=build_loss(cfg.optim), ckdir=ckdir,
+        writer=MetricsWriter(run_dir, env.is_main, cfg.logging.tensorboard),
+        throughput=Throughput(flops, env.world_size, peak, recompute=cfg.model.grad_checkpointing),
+        flag=flag, shapes=shapes, grad_accum=grad_accum, dtype=DTYPES[cfg.deepspeed.precision],
+        state=state, last_saved=state.step if latest is not None else -1,
+    )
+
+
+# ---------------------------------------------------------------------- step
+
+
+def _agree(run: Run, loss_sum: torch.Tensor, nonfinite: int) -> tuple[float, bool, bool]:
+    """One all-reduce: mean loss over ranks and micro-batches, any non-finite, any stop signal."""
+    totals = torch.stack([loss_sum.double(), torch.tensor(float(nonfinite), dtype=torch.float64, device=run.device),
+                          torch.tensor(float(run.flag.requested), dtype=torch.float64, device=run.device)])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    loss, bad, stop = totals.tolist()
+    return loss / (run.grad_accum * run.env.world_size), bad > 0, stop > 0
+
+
+def train_step(run: Run) -> StepResult:
+    """One optimizer step over ``grad_accum`` micro-batches on every rank."""
+    engine, start = run.engine, time.perf_counter()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    nonfinite, data_time = 0, 0.0
+    for micro in range(run.grad_accum):
+        tick = time.perf_counter()
+        images, labels = next(run.stream)
+        data_time += time.perf_counter() - tick
+        x, target = run.preprocess(images, labels, run.device, run.dtype)
+        loss = run.loss_fn(engine(x), target)
+        engine.backward(loss)
+        finite = bool(torch.isfinite(loss))
+        nonfinite += not finite
+        loss_sum += loss.detach().double() if finite else 0.0
+        if micro == run.grad_accum - 1:
+            mean_loss, any_bad, stop = _agree(run, loss_sum, nonfinite)
+            if any_bad:
+                discard_gradients(engine)
+        engine.step()
+    return StepResult(mean_loss if not any_bad else float("nan"), any_bad, stop, data_time,
+                      time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------- eval
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """Exact top-1 / top-5 over the eval set (counts summed over ranks).
+
+    Ranks may hold different numbers of batches; every iteration all ranks agree
+    whether anyone still has one, and ranks that ran out forward a dummy batch,
+    because a ZeRO-3 forward is a collective that every rank must join.
+    """
+    engine, cfg = run.engine, run.cfg
+    engine.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=run.device)
+    batches = iter(run.eval_stream)
+    dummy = torch.zeros(1, 3, cfg.model.img_size, cfg.model.img_size, dtype=torch.uint8)
+    index = 0
+    while not cfg.eval.max_batches or index < cfg.eval.max_batches:
+        batch = next(batches, None)
+        more = torch.tensor([float(batch is not None)], device=run.device)
+        if dist.is_initialized():
+            dist.all_reduce(more)
+        if not more.item():
+            break
+        images, labels = batch if batch is not None else (dummy, torch.zeros(1, dtype=torch.int64))
+        x, _ = run.preprocess(images, labels, run.device, run.dtype, train=False)
+        logits = engine(x).float()
+        if batch is not None:
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            labels = labels.to(run.device)
+            counts += torch.stack([(top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum(),
+                                   torch.tensor(labels.numel(), device=run.device)]).double()
+        index += 1
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    engine.train()
+    correct1, correct5, total = counts.tolist()
+    if total == 0:
+        return {}
+    return {"eval/top1": correct1 / total, "eval/top5": correct5 / total, "eval/samples": total}
+
+
+# -------------------------------------------------------------- bookkeeping
+
+
+def save(run: Run) -> bool:
+    """Checkpoint the current step (all ranks); False if the save failed (previous one kept)."""
+    state, cfg = run.state, run.cfg
+    client = {
+        "step": state.step, "samples": state.samples, "nonfinite_total": state.nonfinite_total,
+        "stream_position": run.stream.position().to_dict(), "config": config_to_dict(cfg),
+        "world_size": run.env.world_size,
+    }
+    meta = {"zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision,
+            "model": run.engine.module.config.to_dict(), "param_shapes": run.shapes}
+    saved = save_deepspeed(run.engine, run.ckdir, state.step, client, meta, cfg.checkpoint.keep_last)
+    if saved is not None:
+        run.last_saved = state.step
+        log.info("saved checkpoint %s", saved.path)
+    return saved is not None
+
+
+def record(run: Run, result: StepResult) -> None:
+    """Update counters and write this step's metrics (console line every ``logging.every_steps``)."""
+    state, cfg = run.state, run.cfg
+    state.step += 1
+    state.samples += cfg.data.global_batch_size
+    state.nonfinite_total += result.nonfinite
+    state.nonfinite_in_row = state.nonfinite_in_row + 1 if result.nonfinite else 0
+    run.throughput.add(cfg.data.global_batch_size, result.step_time, result.data_time)
+    scalars = {"train/loss": result.loss, "train/lr": current_lr(run.engine), "train/grad_norm": grad_norm(run.engine)}
+    if result.nonfinite:
+        log.warning("step %d: non-finite loss, update skipped (%d in a row, %d in total)", state.step,
+                    state.nonfinite_in_row, state.nonfinite_total)
+    if state.step % cfg.logging.every_steps == 0 or state.step == cfg.schedule.total_steps:
+        scalars.update(run.throughput.report())
+        scalars["perf/mem_gb"] = memory_gb(run.device)
+        scalars["train/nonfinite_steps"] = float(state.nonfinite_total)
+        scalars["train/samples"] = float(state.samples)
+        log.info(console_line(state.step, cfg.schedule.total_steps, scalars))
+    run.writer.write(state.step, scalars)
+
+
+def maybe_evaluate(run: Run, final: bool = False) -> None:
+    every = run.cfg.eval.every_steps
+    if run.eval_stream is None or not (final or (every and run.state.step % every == 0)):
+        return
+    scalars = evaluate(run)
+    if scalars:
+        log.info("eval at step %d: top1 %.4f top5 %.4f (%d samples)", run.state.step, scalars["eval/top1"],
+                 scalars["eval/top5"], scalars["eval/samples"])
+        run.writer.write(run.state.step, scalars)
+        run.writer.flush()
+
+
+# ---------------------------------------------------------------------- loop
+
+
+def train(cfg: Config, env: DistEnv, device: torch.device) -> int:
+    """Train to ``schedule.total_steps`` (or until a stop signal); returns the process exit status."""
+    with PreemptionFlag() as flag:
+        run = setup(cfg, env, device, flag)
+        try:
+            return _loop(run)
+        finally:
+            run.writer.close()
+            run.stream.close()
+
+
+def _loop(run: Run) -> int:
+    cfg, state = run.cfg, run.state
+    while state.step < cfg.schedule.total_steps:
+        result = train_step(run)
+        record(run, result)
+        if state.nonfinite_in_row >= cfg.optim.max_nonfinite_steps:
+            save(run)
+            log.error("stopping: %d optimizer steps in a row had a non-finite loss (NaN/inf); the weights are the "
+                      "last good ones and were saved at step %d. Lower optim.lr, check the data, or raise "
+                      "optim.max_nonfinite_steps", state.nonfinite_in_row, state.step)
+            return EXIT_NONFINITE
+        if result.stop:
+            ok = save(run)
+            log.warning("received %s: %s at step %d, exiting with %d for requeue", run.flag.describe(),
+                        "saved" if ok else "could NOT save", state.step, EXIT_PREEMPTED)
+            return EXIT_PREEMPTED if ok else 1
+        maybe_evaluate(run)
+        every = cfg.checkpoint.every_steps
+        if every and state.step % every == 0 and state.step < cfg.schedule.total_steps:
+            save(run)
+    if run.last_saved != state.step and not save(run):
+        log.error("finished %d steps but the final checkpoint could not be saved", state.step)
+        return 1
+    if not cfg.eval.every_steps or state.step % cfg.eval.every_steps:
+        maybe_evaluate(run, final=True)
+    held = optimizer_state_elements(run.engine)
+    log.info("finished %d steps; rank 0 holds %d optimizer-state and %d fp32-master elements (ZeRO-%d)",
+             state.step, held["optimizer_state"], held["fp32_master"], cfg.deepspeed.zero_stage)
+    return 0

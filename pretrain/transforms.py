@@ -1,0 +1,184 @@
+"""Per-sample decode + augmentation (in data workers) and per-batch preprocessing (on the device).
+
+Why the split: workers hand out uint8 crops (4x fewer bytes through shared memory
+and pinned copies than float), and the float conversion, normalisation and
+MixUp/CutMix run on the accelerator where they cost next to nothing.
+
+Why our own crop step instead of ``v2.RandomResizedCrop`` on a PIL image (the
+usual ImageFolder recipe):
+
+* the crop box is drawn from the image *header* (PIL parses it without decoding),
+  with torchvision's own ``RandomResizedCrop.get_params``, so the crop
+  distribution is torchvision's;
+* a JPEG whose box is at least twice ``img_size`` on each side is decoded at the
+  smallest DCT scale (1/2, 1/4, 1/8) that keeps the box >= ``img_size`` (PIL
+  ``draft``): crops the resize would shrink anyway lose nothing, smaller crops
+  (which are upsampled) decode at full scale. At 224 px train crops of
+  ImageNet-sized (~500x375) images this rarely applies (a box needs >= 448 px
+  sides); it does for large source images and for eval resizes;
+* only the box is copied out of the decoded image, and the antialiased resize
+  runs on the uint8 tensor (torch's vectorised uint8 kernel, faster than PIL's
+  resize on this kind of CPU; pixel values within about 1/255 of PIL's).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Callable, Literal, Optional
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.v2 as v2
+import torchvision.transforms.v2.functional as F
+from PIL import Image
+
+from pretrain.config import DataConfig
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+"""Sample fields that may hold the encoded image, in order of preference."""
+
+_DCT_SCALES = (8, 4, 2)
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+"""What PIL raises for corrupt or truncated data (``UnidentifiedImageError`` is an ``OSError``)."""
+NORMALIZATION = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+"""Mean and std per channel on the [0, 1] scale; inception maps pixels to [-1, 1]."""
+
+
+class CorruptImageError(ValueError):
+    """Encoded image bytes that cannot be parsed or decoded."""
+
+
+def read_header(data: bytes) -> Image.Image:
+    """Parse only the header (format, size) of encoded image bytes; nothing is decoded yet."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except _PIL_ERRORS as exn:
+        raise CorruptImageError(f"unreadable image header: {exn!r}") from exn
+
+
+def decode_rgb(header: Image.Image, reduce: int = 1) -> tuple[Image.Image, float, float]:
+    """Decode an opened image to RGB, a JPEG at 1/``reduce`` scale rounded down to a DCT scale.
+
+    Returns the image and the (x, y) factors from original to decoded coordinates.
+    Greyscale, CMYK, palette and RGBA inputs come out as RGB.
+    """
+    scale = next((s for s in _DCT_SCALES if s <= reduce), 1)
+    width, height = header.size
+    try:
+        if scale > 1 and header.format == "JPEG":
+            header.draft(header.mode, (math.ceil(width / scale), math.ceil(height / scale)))
+        header.load()
+        image = header if header.mode == "RGB" else header.convert("RGB")
+    except _PIL_ERRORS as exn:
+        raise CorruptImageError(f"undecodable {header.format} image: {exn!r}") from exn
+    return image, image.size[0] / width, image.size[1] / height
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 (3, H, W) tensor (a channels-last view, which torch's resize prefers)."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+class TrainCrop:
+    """Inception-style random resized crop of encoded bytes, with reduced-size JPEG decoding."""
+
+    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        self.size = size
+        self.scale = scale
+        self.ratio = ratio
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        header = read_header(data)
+        top, left, height, width = T.RandomResizedCrop.get_params(header, list(self.scale), list(self.ratio))
+        image, fx, fy = decode_rgb(header, min(height, width) // self.size)
+        box = (round(left * fx), round(top * fy), round((left + width) * fx), round((top + height) * fy))
+        return F.resize(to_tensor(image.crop(box)), [self.size, self.size], antialias=True)
+
+
+class EvalResize:
+    """Resize the shorter side of encoded bytes to ``size`` (JPEGs decoded at a reduced DCT scale if possible)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        header = read_header(data)
+        image, _, _ = decode_rgb(header, min(header.size) // self.size)
+        return F.resize(to_tensor(image), [self.size], antialias=True)
+
+
+def eval_resize_size(img_size: int, crop_pct: float) -> int:
+    """Shorter side before the center crop: ``int(img_size / crop_pct)`` (timm's rule, 224/0.875 = 256)."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"data.eval_crop_pct={crop_pct} must be in (0, 1]: e.g. 0.875 (256 -> 224) or 1.0")
+    return int(img_size / crop_pct)
+
+
+def build_train_transform(cfg: DataConfig, img_size: int) -> Callable[[bytes], torch.Tensor]:
+    """Encoded bytes -> uint8 (3, img_size, img_size) with RRC, flip and optional RandAugment.
+
+    All randomness comes from the global torch RNG, which the stream reseeds per sample.
+    Raises ``CorruptImageError`` for bytes that do not decode.
+    """
+    if len(cfg.rrc_scale) != 2 or not 0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1:
+        raise ValueError(f"data.rrc_scale={cfg.rrc_scale} must be [min, max] with 0 < min <= max <= 1")
+    steps: list[Callable] = [TrainCrop(img_size, (cfg.rrc_scale[0], cfg.rrc_scale[1]))]
+    if cfg.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if cfg.randaugment is not None:
+        if len(cfg.randaugment) != 2:
+            raise ValueError(f"data.randaugment must be [num_ops, magnitude], got {cfg.randaugment}")
+        num_ops, magnitude = cfg.randaugment
+        steps.append(v2.RandAugment(num_ops=num_ops, magnitude=magnitude))
+    return v2.Compose(steps)
+
+
+def build_eval_transform(cfg: DataConfig, img_size: int) -> Callable[[bytes], torch.Tensor]:
+    """Encoded bytes -> uint8 (3, img_size, img_size): resize shorter side, center crop."""
+    return v2.Compose([EvalResize(eval_resize_size(img_size, cfg.eval_crop_pct)), v2.CenterCrop(img_size)])
+
+
+class BatchPreprocessor:
+    """uint8 batch from the stream -> normalised float input and loss target, on the device.
+
+    ``target='index'`` gives int64 class indices (softmax loss); ``'multihot'`` gives a float
+    (B, num_classes) one-hot for the sigmoid loss. With MixUp/CutMix configured, training
+    targets are always the mixed soft (B, num_classes) float rows, each summing to 1.
+    MixUp/CutMix draw from the global torch RNG of the training process (checkpointed by the engine).
+    """
+
+    def __init__(self, cfg: DataConfig, num_classes: int, target: Literal["index", "multihot"] = "index"):
+        if target not in ("index", "multihot"):
+            raise ValueError(f"target={target!r} must be 'index' (softmax) or 'multihot' (sigmoid)")
+        mean, std = NORMALIZATION[cfg.normalize]
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
+        self.num_classes = num_classes
+        self.target = target
+        mixers = [m(alpha=a, num_classes=num_classes) for m, a in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix)) if a > 0]
+        self.mix: Optional[Callable] = None if not mixers else mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device | str,
+                 dtype: torch.dtype = torch.float32, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(
+                f"labels span [{int(labels.min())}, {int(labels.max())}] but the model has {self.num_classes} "
+                "classes: set model.num_classes to the dataset's class count (classes.json)"
+            )
+        device = torch.device(device)
+        non_blocking = device.type == "cuda"
+        x = images.to(device, non_blocking=non_blocking).float()
+        y = labels.to(device, non_blocking=non_blocking)
+        x = (x - self.mean.to(device)) / self.std.to(device)
+        if train and self.mix is not None:
+            x, y = self.mix(x, y)
+        elif self.target == "multihot":
+            y = torch.nn.functional.one_hot(y, self.num_classes).float()
+        return x.to(dtype), y

@@ -1,0 +1,180 @@
+"""Launchers without a cluster: ``DRY_RUN=1`` of the sbatch scripts and ``launch/local.sh``'s command.
+
+The sbatch scripts' real behaviour (srun, USR1, requeue) is proven on a real
+SLURM in ``test_slurm.py``; here the parts a user sees before submitting: the
+resolved config, the DeepSpeed config derived for the job's world size, the
+srun command, and clear refusals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pretrain.config import config_to_dict, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+PRETRAIN_CFG = REPO / "configs" / "pretrain" / "demo.yaml"
+FINETUNE_CFG = REPO / "configs" / "finetune" / "demo.yaml"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """This environment minus any SLURM job it may run in, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PYTHON=sys.executable, **extra)
+    return env
+
+
+def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def _sections(stdout: str) -> dict[str, str]:
+    """Split launcher output at its ``# resolved`` / ``# derived`` headers and its DRY_RUN line."""
+    out: dict[str, list[str]] = {"head": []}
+    current = "head"
+    for line in stdout.splitlines():
+        if line.startswith("# resolved"):
+            current = "config"
+        elif line.startswith("# derived DeepSpeed"):
+            current = "deepspeed"
+        elif "DRY_RUN=1, would run:" in line:
+            current = "command"
+        else:
+            out.setdefault(current, []).append(line)
+            continue
+        out.setdefault(current, [])
+    return {k: "\n".join(v) for k, v in out.items()}
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """An existing directory for the data paths (DRY_RUN checks that paths exist, nothing reads them)."""
+    path = tmp_path / "shards"
+    path.mkdir()
+    return path
+
+
+def test_pretrain_dry_run_prints_resolved_config_deepspeed_config_and_srun(tmp_path: Path, data_dir: Path) -> None:
+    overrides = [f"data.train_shards={data_dir}", f"data.eval_shards={data_dir}", "data.micro_batch_size=8",
+                 "deepspeed.zero_stage=3", "run.name=dry"]
+    proc = _run([str(LAUNCH / "pretrain.sh"), str(PRETRAIN_CFG), *overrides],
+                _env(DRY_RUN="1", SLURM_NTASKS="4"), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    parts = _sections(proc.stdout)
+    assert "tasks 4" in parts["head"]
+
+    expected = load_config(PRETRAIN_CFG, overrides)
+    assert yaml.safe_load(parts["config"]) == config_to_dict(expected)
+
+    ds = json.loads(parts["deepspeed"])
+    assert ds["train_batch_size"] == expected.data.global_batch_size == 64
+    assert ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 64 // (8 * 4)
+    assert ds["zero_optimization"]["stage"] == 3
+
+    command = shlex.split(parts["command"].strip())
+    assert command == ["srun", sys.executable, "-m", "pretrain", "--config", str(PRETRAIN_CFG), *overrides]
+
+
+def test_finetune_dry_run_prints_config_and_srun(tmp_path: Path, data_dir: Path) -> None:
+    init = tmp_path / "model.safetensors"
+    init.write_bytes(b"")
+    overrides = [f"init={init}", f"data.train_shards={data_dir}", f"data.eval_shards={data_dir}"]
+    proc = _run([str(LAUNCH / "finetune.sh"), str(FINETUNE_CFG), *overrides],
+                _env(DRY_RUN="1", SLURM_NTASKS="2"), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    parts = _sections(proc.stdout)
+    resolved = yaml.safe_load(parts["config"])
+    assert resolved["init"] == str(init) and resolved["model"]["img_size"] == 48
+    assert "deepspeed" not in parts
+    command = shlex.split(parts["command"].strip())
+    assert command[:4] == ["srun", sys.executable, "-m", "finetune"] and command[-3:] == overrides
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.weight_decy=0.1", "did you mean 'weight_decay'"),
+    ("data.train_shards=/no/such/shards", "/no/such/shards does not exist"),
+])
+def test_dry_run_rejects_a_bad_config_with_status_2(tmp_path: Path, data_dir: Path, override: str,
+                                                    message: str) -> None:
+    args = [str(LAUNCH / "pretrain.sh"), str(PRETRAIN_CFG), f"data.train_shards={data_dir}",
+            f"data.eval_shards={data_dir}", override]
+    proc = _run(args, _env(DRY_RUN="1", SLURM_NTASKS="2"), tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "would run" not in proc.stdout
+
+
+def test_sbatch_script_refuses_to_run_outside_a_job(tmp_path: Path) -> None:
+    proc = _run([str(LAUNCH / "pretrain.sh"), str(PRETRAIN_CFG)], _env(), tmp_path)
+    assert proc.returncode == 2
+    assert "sbatch" in proc.stderr and "local.sh" in proc.stderr
+
+
+def test_sbatch_script_names_a_missing_config(tmp_path: Path) -> None:
+    proc = _run([str(LAUNCH / "finetune.sh"), "configs/finetune/nope.yaml"], _env(DRY_RUN="1"), tmp_path)
+    assert proc.returncode == 2
+    assert "configs/finetune/nope.yaml" in proc.stderr and "usage" in proc.stderr
+
+
+# ------------------------------------------------------------------ local.sh
+
+
+@pytest.fixture
+def shim(tmp_path: Path) -> tuple[Path, Path]:
+    """A PYTHON that records the torchrun call instead of training (describe.py runs for real),
+    and a bin folder for a fake ``nvidia-smi``."""
+    record = tmp_path / "torchrun_args"
+    python = tmp_path / "python"
+    python.write_text(
+        "#!/bin/bash\n"
+        f'case "$1" in *describe.py) exec {shlex.quote(sys.executable)} "$@" ;; esac\n'
+        f'printf "%s\\n" "$@" > {shlex.quote(str(record))}\n'
+    )
+    python.chmod(0o755)
+    (tmp_path / "bin").mkdir()
+    return python, record
+
+
+def _fake_gpus(bin_dir: Path, count: int) -> None:
+    smi = bin_dir / "nvidia-smi"
+    lines = "".join(f"GPU {i}: NVIDIA H100 (UUID: GPU-{i})\\n" for i in range(count))
+    smi.write_text(f'#!/bin/bash\nprintf "{lines}"\n')
+    smi.chmod(0o755)
+
+
+@pytest.mark.parametrize("nproc_arg, gpus, expected_nproc", [("3", 2, "3"), (None, 2, "2")],
+                         ids=["explicit", "one-per-gpu"])
+def test_local_sh_runs_torchrun_with_n_processes(tmp_path: Path, data_dir: Path, shim: tuple[Path, Path],
+                                                 nproc_arg: str, gpus: int, expected_nproc: str) -> None:
+    python, record = shim
+    _fake_gpus(tmp_path / "bin", gpus)
+    overrides = [f"data.train_shards={data_dir}", f"data.eval_shards={data_dir}", "data.global_batch_size=96",
+                 "data.micro_batch_size=16"]
+    env = _env(PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    env["PYTHON"] = str(python)
+    args = [str(LAUNCH / "local.sh"), str(PRETRAIN_CFG), *([nproc_arg] if nproc_arg else []), *overrides]
+    proc = _run(args, env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert record.read_text().splitlines() == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                               expected_nproc, "-m", "pretrain", "--config", str(PRETRAIN_CFG),
+                                               *overrides]
+
+
+def test_local_sh_stops_on_a_bad_config_before_starting_processes(tmp_path: Path, shim: tuple[Path, Path]) -> None:
+    python, record = shim
+    env = _env()
+    env["PYTHON"] = str(python)
+    proc = _run([str(LAUNCH / "local.sh"), str(PRETRAIN_CFG), "2", "model.depht=3"], env, tmp_path)
+    assert proc.returncode == 2
+    assert "did you mean 'depth'" in proc.stderr
+    assert not record.exists()

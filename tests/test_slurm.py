@@ -1,0 +1,236 @@
+"""``launch/pretrain.sh`` on a real SLURM (``launch/slurm_local.sh``): run, preempt + requeue, fail once.
+
+Four jobs of the tiny demo recipe run at the same time (one module fixture, so
+the whole file costs about one job's restart cycle), each submitted with
+``sbatch --wait`` and each in its own run directory:
+
+* ``debug``: partition ``debug``, 1 node x 2 tasks, uninterrupted;
+* ``multi``: partition ``multi``, 2 nodes x 1 task, uninterrupted;
+* ``preempt``: like ``multi``, sent ``scancel --signal=USR1 --batch`` once a
+  checkpoint is complete; it must save, requeue itself, restart with
+  ``SLURM_RESTART_COUNT=1``, resume and reach the same final step, and every
+  step must appear exactly once with the loss the uninterrupted run logged;
+* ``broken``: a data path that does not exist; the trainer exits 2 and the job
+  must fail once, with the error in its log, and never restart.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from pretrain.checkpoint import CheckpointDir
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_LOCAL = REPO / "launch" / "slurm_local.sh"
+PRETRAIN_SH = REPO / "launch" / "pretrain.sh"
+CONFIG = REPO / "configs" / "pretrain" / "demo.yaml"
+STEPS = 24
+CHECKPOINT_EVERY = 8
+JOB_TIMEOUT_S = 900
+STEP_LINE = re.compile(r"\[rank 0\] step (\d+)/(\d+) loss ([0-9.]+)")
+START_LINE = re.compile(r"vitscale pretrain: job (\d+), restart (\d+)")
+LOSS_TOLERANCE = 2e-3
+"""Resumed and uninterrupted runs agree to float-summation noise; a shifted or repeated batch
+moves the loss by far more (consecutive demo losses differ by 0.01-0.1)."""
+
+
+def _steps(log: str) -> list[tuple[int, float]]:
+    """(step, loss) of every rank-0 step line in a log."""
+    return [(int(step), float(loss)) for step, _, loss in STEP_LINE.findall(log)]
+
+
+def _sh(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+
+
+def _cluster_answers() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    partitions = _sh("sinfo", "-h", "-o", "%R")
+    return partitions.returncode == 0 and {"debug", "multi"} <= set(partitions.stdout.split())
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A local SLURM with partitions ``debug`` (1 node) and ``multi`` (2 nodes), started if needed.
+
+    Skipped when it cannot be started (not root, no apt-get), unless ``VITSCALE_REQUIRE_SLURM=1``
+    (CI), where that is a failure. A cluster this fixture started is stopped afterwards.
+    """
+    def unavailable(reason: str) -> None:
+        if os.environ.get("VITSCALE_REQUIRE_SLURM") == "1":
+            pytest.fail(f"{reason} (VITSCALE_REQUIRE_SLURM=1 demands the SLURM tests)")
+        pytest.skip(reason)
+
+    started = False
+    if not _cluster_answers():
+        if os.geteuid() != 0:
+            unavailable("no local SLURM answers and starting one (launch/slurm_local.sh start) needs root")
+        proc = _sh("bash", str(SLURM_LOCAL), "start", timeout=900)
+        if proc.returncode != 0:
+            unavailable(f"launch/slurm_local.sh start failed: {(proc.stderr or proc.stdout)[-2000:]}")
+        started = True
+    yield
+    if started:
+        _sh("bash", str(SLURM_LOCAL), "stop")
+
+
+@dataclass
+class Job:
+    """One ``sbatch --wait`` of ``launch/pretrain.sh`` and what it left behind."""
+
+    name: str
+    run_dir: Path
+    log: Path
+    proc: subprocess.Popen
+    returncode: Optional[int] = None
+    state: str = ""
+    """``scontrol show job`` right after the job ended (SLURM forgets jobs a few minutes later)."""
+    signalled: bool = False
+
+    @property
+    def text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def job_id(self) -> Optional[str]:
+        match = START_LINE.search(self.text)
+        return match.group(1) if match else None
+
+    def field(self, key: str) -> str:
+        match = re.search(rf"\b{key}=(\S+)", self.state)
+        assert match, f"{key} not in scontrol output of job {self.name}:\n{self.state}"
+        return match.group(1)
+
+    def steps(self) -> list[tuple[int, float]]:
+        return _steps(self.text)
+
+    def starts(self) -> list[int]:
+        return [int(restart) for _, restart in START_LINE.findall(self.text)]
+
+
+def _submit(name: str, root: Path, shards: Path, partition: str, nodes: int, tasks_per_node: int,
+            extra: tuple[str, ...] = ()) -> Job:
+    run_dir, log = root / name, root / f"{name}.log"
+    overrides = [f"data.train_shards={shards}", f"data.eval_shards={shards}", f"run.dir={run_dir}",
+                 f"schedule.total_steps={STEPS}", "schedule.warmup_steps=4",
+                 f"checkpoint.every_steps={CHECKPOINT_EVERY}", "logging.every_steps=1", "eval.every_steps=0",
+                 *extra]
+    command = ["sbatch", "--wait", f"--job-name=vitscale-test-{name}", f"--partition={partition}",
+               f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--gpus-per-node=0",
+               "--cpus-per-task=1", f"--output={log}", f"--chdir={root}", str(PRETRAIN_SH), str(CONFIG),
+               *overrides]
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return Job(name=name, run_dir=run_dir, log=log, proc=proc)
+
+
+def _maybe_preempt(job: Job) -> None:
+    """Send USR1 to the batch shell once the run has a complete checkpoint (training is under way)."""
+    if job.signalled or job.returncode is not None:
+        return
+    latest = CheckpointDir(job.run_dir / "checkpoints").find()
+    job_id = job.job_id()
+    if latest is not None and job_id is not None:
+        proc = _sh("scancel", "--signal=USR1", "--batch", job_id)
+        assert proc.returncode == 0, proc.stderr
+        job.signalled = True
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm_cluster, demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Job]:
+    root = tmp_path_factory.mktemp("slurm")   # one host: every (fake) node sees it
+    submitted = {
+        "debug": _submit("debug", root, demo_shards, "debug", 1, 2),
+        "multi": _submit("multi", root, demo_shards, "multi", 2, 1),
+        "preempt": _submit("preempt", root, demo_shards, "multi", 2, 1),
+        "broken": _submit("broken", root, demo_shards, "debug", 1, 1,
+                          extra=(f"data.train_shards={root / 'no_such_shards'}",)),
+    }
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    try:
+        while any(job.returncode is None for job in submitted.values()):
+            assert time.monotonic() < deadline, f"SLURM jobs still running after {JOB_TIMEOUT_S} s"
+            _maybe_preempt(submitted["preempt"])
+            for job in submitted.values():
+                if job.returncode is None and job.proc.poll() is not None:
+                    job.returncode = job.proc.returncode
+                    job.state = _sh("scontrol", "show", "job", job.job_id() or "0").stdout
+            time.sleep(0.5)
+    finally:
+        for job in submitted.values():
+            if job.returncode is None:
+                if job.job_id():
+                    _sh("scancel", job.job_id())
+                job.proc.kill()
+    return submitted
+
+
+def _assert_completed(job: Job) -> None:
+    assert job.returncode == 0, f"job {job.name} exited {job.returncode}:\n{job.text[-3000:]}"
+    assert job.field("JobState") == "COMPLETED"
+    steps = [step for step, _ in job.steps()]
+    assert steps[-1] == STEPS and f"finished {STEPS} steps" in job.text
+    latest = CheckpointDir(job.run_dir / "checkpoints").find()
+    assert latest is not None and latest.step == STEPS, latest
+
+
+def test_debug_partition_one_node_two_tasks(jobs: dict[str, Job]) -> None:
+    job = jobs["debug"]
+    _assert_completed(job)
+    assert job.field("NumNodes") == "1" and job.field("NumTasks") == "2"
+    assert [step for step, _ in job.steps()] == list(range(1, STEPS + 1))
+    assert job.starts() == [0] and job.field("Restarts") == "0"
+
+
+def test_multi_partition_two_nodes_one_task_each(jobs: dict[str, Job]) -> None:
+    job = jobs["multi"]
+    _assert_completed(job)
+    assert job.field("NumNodes") == "2" and job.field("NumTasks") == "2"
+    assert "rendezvous n1:" in job.text   # MASTER_ADDR = first host of the node list
+    # Same world size as the debug job: two fake nodes must train exactly like one node.
+    reference = dict(jobs["debug"].steps())
+    assert all(abs(loss - reference[step]) <= LOSS_TOLERANCE for step, loss in job.steps()), \
+        list(zip(job.steps(), sorted(reference.items())))
+
+
+def test_preempted_job_saves_requeues_resumes_and_finishes(jobs: dict[str, Job]) -> None:
+    job = jobs["preempt"]
+    assert job.signalled, "the run never wrote a checkpoint, so it was never signalled"
+    _assert_completed(job)
+    assert "received USR1" in job.text and "requeueing job" in job.text
+    assert job.starts() == [0, 1], job.starts()          # restarted once, with SLURM_RESTART_COUNT=1
+    assert job.field("Restarts") == "1"
+
+    first_run, second_run = job.text.split("restart 1", 1)
+    stopped = _steps(first_run)
+    assert stopped, "no step before the signal"
+    stop_step = stopped[-1][0]
+    assert CHECKPOINT_EVERY <= stop_step < STEPS
+    assert f"resumed from {job.run_dir / 'checkpoints' / f'step_{stop_step:08d}'} (step {stop_step}," in second_run
+
+    steps = job.steps()
+    assert [step for step, _ in steps] == list(range(1, STEPS + 1))   # none repeated, none skipped
+    reference = dict(jobs["multi"].steps())
+    diffs = {step: abs(loss - reference[step]) for step, loss in steps}
+    assert max(diffs.values()) <= LOSS_TOLERANCE, diffs
+
+
+def test_failing_job_fails_once_with_the_error_in_its_log(jobs: dict[str, Job]) -> None:
+    job = jobs["broken"]
+    assert job.returncode == 2, job.text[-3000:]
+    assert job.field("JobState") == "FAILED" and job.field("Restarts") == "0"
+    assert "no_such_shards does not exist" in job.text
+    assert "not requeued" in job.text
+    assert job.starts() == [0]

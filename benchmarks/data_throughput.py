@@ -159,7 +159,7 @@ def main() -> None:
             }
 
         parallel = best_costs(pipelines(args.workers), args.images, args.repeats)
-        single = best_costs(pipelines(0), args.images // 2, args.repeats)
+        single = best_costs(pipelines(0), args.images // 4, args.repeats)
         print(f"{'':12s} {args.workers} workers: images/s   1 process: CPU ms/image")
         for name in parallel:
             print(f"{name:12s} {parallel[name][0]:20.1f} {single[name][1]:22.2f}")

@@ -65,6 +65,8 @@ def _convert(args: argparse.Namespace) -> int:
           f"({summary['shards_written']} written now), {summary['skipped']} skipped"
           + (f" (reasons in {summary['errors_file']})" if summary["skipped"] else "")
           + f", {summary['seconds']:.1f} s")
+    for reason, count in summary["skipped_reasons"].items():
+        print(f"  skipped {count}: {reason}")
     return 0
 
 

@@ -19,6 +19,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Optional, Union
@@ -194,7 +195,8 @@ def _finish(out: Path, plan: Plan, listing: Listing, records: list[dict], name: 
     entry = {"name": plan.split, "filenames": [r["name"] for r in records],
              "shard_lengths": [r["num_samples"] for r in records], "num_samples": stats.samples,
              "sha256": [r["sha256"] for r in records], "plan_sha256": plan.digest,
-             "stats": {**stats.to_dict(), "shard_bytes": sum(r["bytes"] for r in records), "skipped": len(errors)}}
+             "stats": {**stats.to_dict(), "shard_bytes": sum(r["bytes"] for r in records), "skipped": len(errors),
+                       "skipped_reasons": dict(Counter(e["reason"].split(":")[0] for e in errors).most_common())}}
     write_split(out, plan.split, entry, name)
     return entry
 
@@ -216,5 +218,6 @@ def _dataset_name(out: Path, source: Path) -> str:
 def _summary(out: Path, split: str, entry: dict, started: float, written: int) -> dict:
     seconds = time.perf_counter() - started
     return {"split": split, "out": str(out), "num_samples": entry["num_samples"], "shards": len(entry["filenames"]),
-            "shards_written": written, "skipped": entry["stats"]["skipped"], "bytes": entry["stats"]["shard_bytes"],
+            "shards_written": written, "skipped": entry["stats"]["skipped"],
+            "skipped_reasons": entry["stats"]["skipped_reasons"], "bytes": entry["stats"]["shard_bytes"],
             "seconds": round(seconds, 3), "errors_file": str(out / ERRORS_FILE)}

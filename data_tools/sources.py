@@ -66,7 +66,11 @@ def list_source(source: Path, fmt: Optional[str] = None) -> Listing:
     if fmt not in FORMATS:
         raise ValueError(f"unknown source format {fmt!r}: use one of {', '.join(FORMATS)}")
     listing = {"imagefolder": _list_imagefolder, "classtars": _list_classtars, "csv": _list_csv}[fmt](source)
-    listing.items.sort()
+    items = sorted(listing.items)
+    counts = Counter(item.rel for item in items)  # a CSV naming a file twice, a tar holding a name twice
+    listing.problems += [{"path": rel, "reason": f"duplicate entry: listed {n} times, first one kept"}
+                         for rel, n in sorted(counts.items()) if n > 1]
+    listing.items = [item for i, item in enumerate(items) if i == 0 or item.rel != items[i - 1].rel]
     return listing
 
 
@@ -123,9 +127,9 @@ def _list_csv(path: Path) -> Listing:
     if not path.is_file():
         raise FileNotFoundError(f"CSV source {path} is not a file (expected lines 'path,label')")
     root = path.parent
-    items, problems, seen = [], [], set()
+    items, problems = [], []
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheet BOMs
         for line, row in enumerate(csv.reader(handle, delimiter=delimiter), start=1):
             if line == 1 and [c.strip().lower() for c in row] == ["path", "label"]:
                 continue
@@ -134,10 +138,6 @@ def _list_csv(path: Path) -> Listing:
                 problems.append({"path": where, "reason": f"expected 2 fields 'path{delimiter}label', got {row!r}"})
                 continue
             rel, label = row[0].strip(), row[1].strip()
-            if rel in seen:
-                problems.append({"path": where, "reason": f"duplicate entry for {rel} (first one kept)"})
-                continue
-            seen.add(rel)
             try:
                 size = os.stat(root / rel).st_size
             except OSError as err:

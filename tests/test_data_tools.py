@@ -77,7 +77,7 @@ def test_class_tars_give_the_same_samples_as_the_unpacked_folder(tmp_path, dt_im
     for cls in COUNTS:
         with tarfile.open(tars / f"{cls}.tar", "w") as archive:
             for image in sorted((root / cls).iterdir()):
-                archive.add(image, arcname=image.name)
+                archive.add(image, arcname=f"./{image.name}" if cls == "dog" else image.name)
     convert(root, tmp_path / "a", samples_per_shard=5, progress=False)
     summary = convert(tars, tmp_path / "b", samples_per_shard=5, progress=False)  # format detected
 
@@ -211,6 +211,8 @@ def test_bad_and_unusual_images(tmp_path, dt_make_image):
     }
     for rel, data in {**kept, **converted, **{k: v for k, (v, _) in broken.items()}}.items():
         (root / rel).write_bytes(data)
+    (root / "bad" / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    broken["bad/dangling.jpg"] = (b"", "cannot read file")
 
     summary = convert(root, tmp_path / "out", progress=False)
 
@@ -271,6 +273,16 @@ def test_errors_before_any_work(tmp_path, dt_imagefolder, capsys):
 
     assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "o2"), "--no-progress"]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_summary_counts_skipped_images_by_reason(tmp_path, dt_imagefolder, capsys):
+    root = dt_imagefolder({"a": 3})
+    (root / "a" / "empty.jpg").write_bytes(b"")
+    (root / "a" / "notes.txt").write_text("hello")
+    assert main(["convert", str(root), str(tmp_path / "out"), "--no-progress", "--samples-per-shard", "2"]) == 0
+    report = capsys.readouterr().out
+    assert "train: 3 samples in 3 shards (3 written now), 2 skipped" in report
+    assert "skipped 1: zero-byte file" in report and "skipped 1: not an image" in report
 
 
 def test_nothing_convertible_exits_non_zero(tmp_path, capsys):

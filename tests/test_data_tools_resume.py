@@ -40,6 +40,16 @@ def open_pipe_writer(pipe: Path, deadline: float) -> int:
     raise AssertionError(f"no worker opened {pipe} in time")
 
 
+def has_reader(pipe: Path) -> bool:
+    try:
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        return True
+    except OSError as err:
+        if err.errno != errno.ENXIO:
+            raise
+        return False
+
+
 def wait_for(condition, deadline: float, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -66,6 +76,8 @@ def test_sigkill_then_rerun_converts_every_image_exactly_once(tmp_path, dt_image
         first.wait()
     os.close(writer)
     assert first.returncode == -signal.SIGKILL
+    # The killed worker may still hold the pipe for a moment; feeding it would lose the bytes.
+    wait_for(lambda: not has_reader(pipe), time.monotonic() + DEADLINE_S, "the killed worker to exit")
     assert not (out / "_info.json").exists()
     assert len(list(out.glob("*.partial"))) == 1  # the shard that was being written
     finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in final()}

@@ -27,7 +27,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/finetune/demo.yaml")
-    parser.add_argument("overrides", nargs="*", help="init=PATH and section.key=value overrides (CLI > file > defaults)")
+    parser.add_argument("overrides", nargs="*",
+                        help="init=PATH and section.key=value overrides (CLI > file > defaults)")
     return parser.parse_args(argv)
 
 

@@ -82,7 +82,8 @@ class FinetuneConfig:
         validate_common(self, world_size, check_paths)
         errors = []
         if not self.init:
-            errors.append("init is empty: pass the pretrained weights, e.g. init=runs/<pretrain>/export/model.safetensors")
+            errors.append("init is empty: pass the pretrained weights, "
+                          "e.g. init=runs/<pretrain>/export/model.safetensors")
         elif check_paths and not Path(self.init).exists():
             errors.append(f"init: {self.init} does not exist (an exported model.safetensors, "
                           "a pretraining run directory or a DeepSpeed checkpoint directory)")

@@ -151,8 +151,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = finetuned.model.to(device)
     num_classes = model.num_classes
-    stream = build_eval_stream(data, img_size=model.img_size, rank=0, world_size=1)
-    result = evaluate_model(model, stream, BatchPreprocessor(data, num_classes), num_classes, model.img_size, device)
+    try:
+        stream = build_eval_stream(data, img_size=model.img_size, rank=0, world_size=1)
+        result = evaluate_model(model, stream, BatchPreprocessor(data, num_classes), num_classes, model.img_size,
+                                device)
+    except (FileNotFoundError, KeyError, ValueError) as exn:  # missing shards or split, labels out of range
+        print(f"error: {exn}", file=sys.stderr)
+        return 2
     csv_path = args.csv or finetuned.location / f"per_class_{data.eval_split}.csv"
     result.write_csv(csv_path, finetuned.class_names)
     print(f"{args.checkpoint} on {data.eval_shards} [{data.eval_split}]: {result.summary()}")

@@ -58,8 +58,13 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module,
         if key.startswith(PRETRAIN_HEAD_PREFIXES):
             continue
         if key == "pos_embed" and value.shape != target.shape:
-            value = resample_pos_embed(value, new_grid=tuple(model.patch_embed.grid_size),
-                                       num_prefix_tokens=model.num_prefix_tokens, old_grid=old_grid)
+            grid = tuple(model.patch_embed.grid_size)
+            try:
+                value = resample_pos_embed(value, new_grid=grid, num_prefix_tokens=model.num_prefix_tokens,
+                                           old_grid=old_grid)
+            except ValueError as exn:
+                raise PretrainedLoadError(f"pos_embed {tuple(value.shape)} cannot be resampled to the finetune "
+                                          f"grid {grid}: {exn}") from None
         filtered[key] = value
     return filtered
 
@@ -80,7 +85,8 @@ def load_filtered(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None
         if missing - NEW_HEAD_KEYS:
             problems.append(f"missing from the checkpoint: {sorted(missing - NEW_HEAD_KEYS)}")
         if NEW_HEAD_KEYS - missing:
-            problems.append(f"expected the new head to be missing, but the checkpoint has {sorted(NEW_HEAD_KEYS - missing)}")
+            problems.append("expected the new head to be missing, but the checkpoint has "
+                            f"{sorted(NEW_HEAD_KEYS - missing)}")
         if unexpected:
             problems.append(f"unexpected in the checkpoint: {sorted(unexpected)}")
         raise PretrainedLoadError("pretrained weights do not match the finetune model:\n  " + "\n  ".join(problems))

@@ -28,7 +28,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, set_seed
 from PIL import Image
 
 from pretrain.checkpoint import CheckpointDir, atomic_write_text, check_shapes, param_shapes, save_collective
@@ -123,7 +123,9 @@ def build_accelerator(cfg: FinetuneConfig, accum: int) -> Accelerator:
         return Accelerator(cpu=on_cpu, **kwargs)
     plugin = DeepSpeedPlugin(zero_stage=cfg.accelerate.zero_stage, gradient_accumulation_steps=accum,
                              gradient_clipping=cfg.optim.grad_clip or None)
-    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.data.micro_batch_size
+    # No dataloader goes through prepare(), so the batch sizes cannot be "auto".
+    plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.data.micro_batch_size,
+                                   train_batch_size=cfg.data.global_batch_size)
     # On CPU the plugin is ignored with cpu=True; it needs an explicit gloo group instead (FACTS.md).
     handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
     return Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers, **kwargs)
@@ -132,6 +134,7 @@ def build_accelerator(cfg: FinetuneConfig, accum: int) -> Accelerator:
 def setup(cfg: FinetuneConfig, env: DistEnv, resume_from: Optional[Path]) -> Parts:
     """Model (pretrained unless resuming), Accelerator, optimizer, schedule, preprocessing, loss."""
     accum = grad_accum_steps(cfg, env.world_size)
+    set_seed(cfg.run.seed + env.rank)  # per-process MixUp/drop-path draws; the weights are broadcast
     model = build_finetune_model(cfg)
     if resume_from is None:
         load_pretrained(model, cfg.init)
@@ -196,7 +199,8 @@ def save(parts: Parts, cfg: FinetuneConfig, state: TrainerState, ckdir: Checkpoi
             payload = {"state": asdict(state), "config": config_to_dict(cfg)}
             atomic_write_text(path / TRAINER_STATE, json.dumps(payload, indent=1))
 
-    meta = {"world_size": acc.num_processes, "param_shapes": param_shapes(acc.unwrap_model(parts.model))}
+    model = acc.unwrap_model(parts.model)
+    meta = {"world_size": acc.num_processes, "model": model.config.to_dict(), "param_shapes": param_shapes(model)}
     return save_collective(ckdir, state.step, write, meta, cfg.checkpoint.keep_last) is not None
 
 
@@ -235,80 +239,113 @@ def export(parts: Parts, cfg: FinetuneConfig) -> Optional[Path]:
 # -------------------------------------------------------------------- loop
 
 
-def train(cfg: FinetuneConfig) -> int:
-    """Finetune ``cfg`` to ``schedule.total_steps``; 0 when done, ``EXIT_PREEMPTED`` after a signal + save."""
+@dataclass
+class Run:
+    """One finetuning run: prepared objects, streams, bookkeeping."""
+
+    cfg: FinetuneConfig
+    env: DistEnv
+    parts: Parts
+    state: TrainerState
+    stream: TrainStream
+    ckdir: CheckpointDir
+    writer: MetricsWriter
+    throughput: Throughput
+    flag: PreemptionFlag
+
+
+def record(run: Run, loss: torch.Tensor, norm: Optional[float], data_time: float, step_time: float) -> None:
+    """Advance the counters and write the step's metrics every ``logging.every_steps``."""
+    cfg, state, acc = run.cfg, run.state, run.parts.accelerator
+    state.step += 1
+    state.samples += cfg.data.global_batch_size
+    state.position = run.stream.position().to_dict()
+    state.nonfinite_in_a_row = 0 if norm is None or math.isfinite(norm) else state.nonfinite_in_a_row + 1
+    run.throughput.add(cfg.data.global_batch_size, step_time, data_time)
+    if state.step % cfg.logging.every_steps and state.step != cfg.schedule.total_steps:
+        return
+    scalars = {"train/loss": float(acc.reduce(loss, "mean")), "train/lr": run.parts.scheduler.get_last_lr()[0],
+               "perf/mem_gb": memory_gb(acc.device), **run.throughput.report()}
+    if norm is not None:
+        scalars["train/grad_norm"] = norm
+    run.writer.write(state.step, scalars)
+    if acc.is_main_process:
+        log.info(console_line(state.step, cfg.schedule.total_steps, scalars))
+
+
+def start(cfg: FinetuneConfig, flag: PreemptionFlag) -> Run:
+    """Join the job, resume or initialise, and open the streams and metrics."""
     env = join_job()
     quiet_library_warnings(env.rank)
-    run_dir = cfg.run.path
-    ckdir = CheckpointDir(run_dir / "checkpoints")
+    ckdir = CheckpointDir(cfg.run.path / "checkpoints")
     latest = ckdir.find() if cfg.checkpoint.resume else None
     parts = setup(cfg, env, latest.path if latest else None)
     acc = parts.accelerator
     state = restore(parts, latest.path, latest.meta) if latest else TrainerState()
     if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
+        cfg.run.path.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, cfg.run.path / "config.yaml")
         log.info("%s at step %d (%d steps of %d images, %d micro-batches per process)",
                  f"resumed from {latest.path}" if latest else f"finetuning from {cfg.init}",
                  state.step, cfg.schedule.total_steps, cfg.data.global_batch_size, parts.accum)
     position = StreamPosition.from_dict(state.position) if state.position else None
     stream = build_train_stream(cfg.data, img_size=cfg.model.img_size, seed=cfg.run.seed, rank=env.rank,
                                 world_size=env.world_size, position=position)
-    writer = MetricsWriter(run_dir, enabled=acc.is_main_process, tensorboard=cfg.logging.tensorboard)
     throughput = Throughput(flops_per_image(acc.unwrap_model(parts.model)), env.world_size,
                             device_peak_tflops(acc.device, cfg.logging.peak_tflops), cfg.model.grad_checkpointing)
+    writer = MetricsWriter(cfg.run.path, enabled=acc.is_main_process, tensorboard=cfg.logging.tensorboard)
+    return Run(cfg, env, parts, state, stream, ckdir, writer, throughput, flag)
+
+
+def loop(run: Run) -> int:
+    cfg, state, acc = run.cfg, run.state, run.parts.accelerator
     stopwatch, step_clock = Stopwatch(), Stopwatch()
-    flag = PreemptionFlag().install()
-    try:
-        while state.step < cfg.schedule.total_steps:
-            # --- one optimizer step
-            loss, norm, data_time = train_step(parts, stream, stopwatch)
-            state.step += 1
-            state.samples += cfg.data.global_batch_size
-            state.position = stream.position().to_dict()
-            throughput.add(cfg.data.global_batch_size, step_clock.lap(), data_time)
-            state.nonfinite_in_a_row = 0 if norm is None or math.isfinite(norm) else state.nonfinite_in_a_row + 1
-            if state.nonfinite_in_a_row >= cfg.optim.max_nonfinite_steps:
-                save(parts, cfg, state, ckdir)
-                log.error("stopping: %d optimizer steps in a row had a non-finite gradient norm (updates skipped); "
-                          "saved at step %d. Lower optim.lr, check the data, or raise optim.max_nonfinite_steps",
-                          state.nonfinite_in_a_row, state.step)
-                return EXIT_NONFINITE
-            # --- logging
-            if state.step % cfg.logging.every_steps == 0 or state.step == cfg.schedule.total_steps:
-                scalars = {"train/loss": float(acc.reduce(loss, "mean")), "train/lr": parts.scheduler.get_last_lr()[0],
-                           "perf/mem_gb": memory_gb(acc.device), **throughput.report()}
-                if norm is not None:
-                    scalars["train/grad_norm"] = norm
-                writer.write(state.step, scalars)
-                if acc.is_main_process:
-                    log.info(console_line(state.step, cfg.schedule.total_steps, scalars))
-            # --- evaluation
-            if cfg.data.eval_shards and cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0 \
-                    and state.step < cfg.schedule.total_steps:
-                run_eval(parts, cfg, env, state.step, writer)
-            # --- checkpoint, preemption
-            stop = bool(acc.reduce(torch.tensor(int(flag.requested), device=acc.device), "sum") > 0)
-            if stop or state.step % cfg.checkpoint.every_steps == 0:
-                saved = save(parts, cfg, state, ckdir)
-                if stop:
-                    if acc.is_main_process:
-                        log.warning("preempted at step %d; checkpoint %s", state.step,
-                                    "saved" if saved else "NOT saved")
-                    return EXIT_PREEMPTED if saved else 1
-        # --- final evaluation and export
-        if cfg.data.eval_shards:
-            result = run_eval(parts, cfg, env, state.step, writer)
-            if acc.is_main_process:
-                log.info("final eval at step %d: %s", state.step, result.summary())
-        if state.step % cfg.checkpoint.every_steps:
-            save(parts, cfg, state, ckdir)
-        out = export(parts, cfg)
-        if out is not None:
-            log.info("exported the finetuned model to %s", out)
-        return 0
-    finally:
-        flag.restore()
-        writer.close()
-        stream.close()
-        acc.end_training()
+    while state.step < cfg.schedule.total_steps:
+        # --- one optimizer step
+        loss, norm, data_time = train_step(run.parts, run.stream, stopwatch)
+        record(run, loss, norm, data_time, step_clock.lap())
+        if state.nonfinite_in_a_row >= cfg.optim.max_nonfinite_steps:
+            save(run.parts, cfg, state, run.ckdir)
+            log.error("stopping: %d optimizer steps in a row had a non-finite gradient norm (updates skipped); "
+                      "saved at step %d. Lower optim.lr, check the data, or raise optim.max_nonfinite_steps",
+                      state.nonfinite_in_a_row, state.step)
+            return EXIT_NONFINITE
+        # --- periodic evaluation
+        every = cfg.eval.every_steps
+        if cfg.data.eval_shards and every and state.step % every == 0 and state.step < cfg.schedule.total_steps:
+            run_eval(run.parts, cfg, run.env, state.step, run.writer)
+        # --- checkpoint; preemption (all ranks agree on the flag, so all stop after the same step)
+        stop = bool(acc.reduce(torch.tensor(int(run.flag.requested), device=acc.device), "sum") > 0)
+        if stop or state.step % cfg.checkpoint.every_steps == 0:
+            saved = save(run.parts, cfg, state, run.ckdir)
+            if stop:
+                log.warning("received %s: checkpoint at step %d %s", run.flag.describe(), state.step,
+                            f"saved, exiting with {EXIT_PREEMPTED} for requeue" if saved else "could NOT be saved")
+                return EXIT_PREEMPTED if saved else 1
+    # --- final checkpoint, evaluation and export
+    if state.step % cfg.checkpoint.every_steps:
+        save(run.parts, cfg, state, run.ckdir)
+    if cfg.data.eval_shards:
+        result = run_eval(run.parts, cfg, run.env, state.step, run.writer)
+        if acc.is_main_process:
+            log.info("final eval at step %d: %s", state.step, result.summary())
+    out = export(run.parts, cfg)
+    if out is not None:
+        log.info("exported the finetuned model to %s", out)
+    return 0
+
+
+def train(cfg: FinetuneConfig) -> int:
+    """Finetune ``cfg`` to ``schedule.total_steps``; returns the process exit status.
+
+    0 when done, ``EXIT_PREEMPTED`` after SIGUSR1/SIGTERM and a clean save, ``EXIT_NONFINITE``
+    after too many non-finite steps in a row.
+    """
+    with PreemptionFlag() as flag:
+        run = start(cfg, flag)
+        try:
+            return loop(run)
+        finally:
+            run.writer.close()
+            run.stream.close()
+            run.parts.accelerator.end_training()

@@ -5,7 +5,7 @@ Issue 6, must-show 3, 4 and 5. One pretraining run and one (interrupted) finetun
 run are shared by the tests of this module; a second finetuning run from a randomly
 initialised model with the same recipe and budget is the comparator for the accuracy bar.
 
-Sizes are cut down from the demo recipes (patch 8, width 48, 2 blocks; 300 pretraining
+Sizes are cut down from the demo recipes (patch 8, width 48, 2 blocks; 200 pretraining
 steps, 60 finetuning steps) to keep the module near two minutes on two busy cores.
 """
 
@@ -81,8 +81,8 @@ def pretrained(tmp_path_factory, demo_shards, repo_root):
     cmd = torchrun("pretrain", "--config", str(repo_root / "configs/pretrain/demo.yaml"),
                    f"data.train_shards={demo_shards}", f"data.eval_shards={demo_shards}", f"run.dir={root / 'run'}",
                    *SIZES, "model.pre_logits=48", "optim.lr=3e-3", "optim.label_smoothing=0",
-                   "data.rrc_scale=[0.8,1.0]", "schedule.total_steps=300", "schedule.warmup_steps=10",
-                   "checkpoint.every_steps=300", "eval.every_steps=0", "logging.every_steps=50")
+                   "data.rrc_scale=[0.8,1.0]", "schedule.total_steps=200", "schedule.warmup_steps=10",
+                   "checkpoint.every_steps=200", "eval.every_steps=0", "logging.every_steps=50")
     check(subprocess.run(cmd, cwd=root, env=run_env(), capture_output=True, text=True, timeout=400))
     return root / "run", export(root / "run", root / "export")
 
@@ -115,12 +115,15 @@ def finetuned(tmp_path_factory, demo_shards, repo_root, pretrained):
 
 
 def test_init_sources_agree(pretrained):
-    """The run directory (DeepSpeed ZeRO-2 shards, consolidated on the fly) and the export hold the same weights."""
-    from_run, grid_run = read_pretrained(pretrained[0])
+    """Run directory, its checkpoints/ and one step_N/ (ZeRO-2 shards, consolidated on the fly) = the export."""
     from_export, grid_export = read_pretrained(pretrained[1] / "model.safetensors")
-    assert grid_run == grid_export == (4, 4)
-    assert from_run.keys() == from_export.keys()
-    assert all(from_run[k].equal(from_export[k]) for k in from_run)
+    assert grid_export == (4, 4)
+    checkpoints = pretrained[0] / "checkpoints"
+    for source in (pretrained[0], checkpoints, checkpoints / "step_00000200"):
+        from_run, grid_run = read_pretrained(source)
+        assert grid_run == grid_export
+        assert from_run.keys() == from_export.keys()
+        assert all(from_run[k].equal(from_export[k]) for k in from_run)
 
 
 def test_resume_after_kill_continues_from_latest_checkpoint(finetuned):
@@ -144,7 +147,7 @@ def test_finetuned_accuracy_beats_a_random_init_with_the_same_budget(finetuned, 
 
     With the head swap or the pos-embed resampling broken, the finetuned model would start
     from weights no better than random ones for the new input layout; measured while
-    writing this test: 0.73 from the pretrained model, 0.44 from random weights (chance 0.10).
+    writing this test: 0.69 from the pretrained model, 0.34-0.44 from random weights (chance 0.10).
     """
     pretrained_top1 = final_top1(finetuned["log"])
     random_init = export_random_init(pretrained[1], tmp_path / "random")

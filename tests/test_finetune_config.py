@@ -1,0 +1,59 @@
+"""Finetune config: recipes load strictly, ``init=`` is a top-level override, bad settings exit 2 early."""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune.__main__ import main
+from finetune.config import FinetuneConfig
+from finetune.train import check_config
+from pretrain.config import ConfigError, load_config
+
+
+@pytest.mark.parametrize("recipe", ["vit_b16_in1k_384", "vit_l16_in1k_384", "demo"])
+def test_recipes_load_and_follow_the_transfer_recipe(repo_root, recipe):
+    cfg = load_config(repo_root / f"configs/finetune/{recipe}.yaml", ["init=weights.safetensors"], cls=FinetuneConfig)
+    assert cfg.init == "weights.safetensors"
+    assert (cfg.optim.name, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.grad_clip) == ("sgd", 0.9, 0.0, 1.0)
+    assert cfg.model.pre_logits is None and cfg.data.mixup == 0.0 and cfg.schedule.decay == "cosine"
+    if recipe != "demo":
+        assert (cfg.model.img_size, cfg.data.global_batch_size, cfg.schedule.warmup_steps,
+                cfg.schedule.total_steps) == (384, 512, 500, 20_000)
+        assert 0.01 <= cfg.optim.lr <= 0.03
+    cfg.validate(world_size=2 if recipe == "demo" else 16, check_paths=False)
+
+
+def test_demo_finetunes_above_the_demo_pretraining_resolution(repo_root):
+    pre = load_config(repo_root / "configs/pretrain/demo.yaml")
+    ft = load_config(repo_root / "configs/finetune/demo.yaml", cls=FinetuneConfig)
+    assert ft.model.img_size > pre.model.img_size
+    sizes = ("variant", "embed_dim", "depth", "num_heads", "mlp_dim", "patch_size", "pool")
+    assert [getattr(ft.model, k) for k in sizes] == [getattr(pre.model, k) for k in sizes]
+    assert ft.data.normalize == pre.data.normalize
+
+
+def test_unknown_key_suggests_the_nearest(repo_root):
+    with pytest.raises(ConfigError, match="did you mean 'mixed_precision'"):
+        load_config(repo_root / "configs/finetune/demo.yaml", ["accelerate.mixed_precison=bf16"], cls=FinetuneConfig)
+
+
+def test_finetune_checks(tmp_path):
+    cfg = FinetuneConfig()
+    cfg.data.train_shards = str(tmp_path)
+    with pytest.raises(ConfigError, match="init is empty"):
+        cfg.validate()
+    cfg.init = str(tmp_path / "missing.safetensors")
+    cfg.model.pre_logits = 768
+    with pytest.raises(ConfigError) as info:
+        cfg.validate()
+    assert "missing.safetensors does not exist" in str(info.value)
+    assert "model.pre_logits=768" in str(info.value)
+    cfg = load_config(None, [f"init={tmp_path}", f"data.train_shards={tmp_path}", "schedule.warmup_steps=0",
+                             "optim.lr=-1"], cls=FinetuneConfig)
+    with pytest.raises(ConfigError, match="optim.lr must be positive"):
+        check_config(cfg, world_size=1)
+
+
+def test_main_exits_2_on_config_errors(repo_root, capsys):
+    assert main(["--config", str(repo_root / "configs/finetune/demo.yaml"), "init=", "optim.nme=sgd"]) == 2
+    assert "did you mean 'name'" in capsys.readouterr().err

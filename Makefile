@@ -17,3 +17,26 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The whole pipeline on the bundled demo dataset (scikit-learn digits), on CPU, 2 processes:
+# shards -> DeepSpeed ZeRO-2 pretraining at 32 px -> export -> Accelerate finetune at 48 px
+# (head swap + pos-embed resampling) -> evaluation. Earlier demo runs are replaced.
+DEMO_PRE := runs/demo
+DEMO_FT := runs/demo_ft
+RUN_LOCAL := PYTHON=$(abspath $(PY)) launch/local.sh
+
+demo: $(STAMP) clean-demo
+	@echo "== [1/5] demo dataset -> webdataset shards (data/demo/shards)"
+	$(PY) -m data_tools demo data/demo
+	@echo "== [2/5] pretrain: DeepSpeed ZeRO-2, 2 processes, CPU"
+	$(RUN_LOCAL) configs/pretrain/demo.yaml 2 run.dir=$(DEMO_PRE)
+	@echo "== [3/5] export consolidated fp32 weights (timm key names)"
+	$(PY) -m pretrain.export $(DEMO_PRE) $(DEMO_PRE)/export
+	@echo "== [4/5] finetune at 48 px: new zero-init head, pos-embed 8x8 -> 12x12, 2 processes"
+	STAGE=finetune $(RUN_LOCAL) configs/finetune/demo.yaml 2 run.dir=$(DEMO_FT) init=$(DEMO_PRE)/export/model.safetensors
+	@echo "== [5/5] evaluate on the validation split"
+	$(PY) -m finetune.evaluate $(DEMO_FT)
+	@echo "TensorBoard logs: $(DEMO_PRE) and $(DEMO_FT)  (view: $(VENV)/bin/tensorboard --logdir runs)"
+
+clean-demo:
+	rm -rf $(DEMO_PRE) $(DEMO_FT)

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared body of the sbatch launchers (pretrain.sh, finetune.sh); sourced, not run.
 #
 # One job start does, in order:
@@ -25,8 +26,9 @@
 #   MASTER_ADDR   first host of the job's node list (`scontrol show hostnames`);
 #   MASTER_PORT   15000 + job id % 20000: jobs sharing a node do not collide, and every task
 #                 and pretrain/distributed.py's SLURM fallback derive the same port;
-#   OMP_NUM_THREADS  --cpus-per-task (1 if not given; several CPU processes with more threads
-#                 than cores slow each other down, and 1 avoids exit-time crashes seen on CPU);
+#   OMP_NUM_THREADS  as exported by the user, else --cpus-per-task, else 1 (several CPU
+#                 processes with more threads than cores slow each other down, and 1 avoids
+#                 exit-time crashes seen with several processes on CPU);
 #   PYTHONUNBUFFERED=1  so the ranks' lines reach the log as they are printed.
 # NCCL settings are cluster-specific; export them before sbatch (sbatch passes the submitting
 # environment on), e.g. NCCL_SOCKET_IFNAME=<fabric interface>, NCCL_IB_HCA=<HCAs>,
@@ -63,7 +65,7 @@ vs_export_env() {
     MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
   fi
   MASTER_PORT=$((15000 + job % 20000))
-  OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
   export MASTER_ADDR MASTER_PORT OMP_NUM_THREADS PYTHONUNBUFFERED=1
 }
 
@@ -126,7 +128,7 @@ vs_launch() {
   local check=()
   [ "${DRY_RUN:-0}" = 1 ] && check=(--check --world-size "$VS_WORLD")
   "$PYTHON" "$VS_LAUNCH_DIR/describe.py" "$stage" "${check[@]}" --config "$config" "$@" \
-    || { vs_log "invalid config: the job stops here and is not requeued"; exit "$EXIT_CONFIG"; }
+    || { vs_log "invalid config: stopping before any training process starts (never requeued)"; exit "$EXIT_CONFIG"; }
 
   # shellcheck disable=SC2206  # SRUN_ARGS is split on spaces on purpose
   local cmd=(srun ${SRUN_ARGS:-} "$PYTHON" -m "$stage" --config "$config" "$@")

@@ -31,5 +31,6 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
 else
   here=$(dirname "${BASH_SOURCE[0]}")
 fi
+# shellcheck source=launch/common.sh
 source "$here/common.sh"
 vs_launch finetune "$@"

@@ -3,7 +3,7 @@
 #
 #   mkdir -p logs   # sbatch opens --output before the job starts: the folder must exist
 #   sbatch --nodes=N [--gpus-per-node=G --ntasks-per-node=G] [--time=...] [--partition=...] \
-#       launch/pretrain.sh configs/pretrain/vit_b16_in21k.yaml [section.key=value ...]
+#       launch/pretrain.sh configs/pretrain/vit_b16_i21k.yaml [section.key=value ...]
 #   DRY_RUN=1 bash launch/pretrain.sh CONFIG [...]   # print config, DeepSpeed config, srun command
 #
 # Command-line sbatch options override the #SBATCH defaults below (edit them for your
@@ -31,5 +31,6 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
 else
   here=$(dirname "${BASH_SOURCE[0]}")
 fi
+# shellcheck source=launch/common.sh
 source "$here/common.sh"
 vs_launch pretrain "$@"

@@ -15,7 +15,8 @@
 #     (distinct ports), so `--nodes=2` jobs get distinct SLURM_NODEID / SLURMD_NODENAME.
 #     `127.0.0.1 nX` is added to /etc/hosts so the node names resolve (MASTER_ADDR).
 # State and logs live under SLURM_BASE (default /tmp/slurm-local); the config is
-# /etc/slurm/slurm.conf.  A slurm.conf not written by this script is never overwritten.
+# /etc/slurm/slurm.conf.  A slurm.conf that keeps its state elsewhere (a real cluster's) is
+# never overwritten.
 #
 # Pitfalls seen with this setup: `hostname` prints the real host inside every fake
 # node (use SLURMD_NODENAME); `#SBATCH --signal=B:USR1@N` fires within about
@@ -25,7 +26,6 @@ set -euo pipefail
 BASE=${SLURM_BASE:-/tmp/slurm-local}
 FAKE_NODES=${FAKE_NODES:-2}
 CONF=/etc/slurm/slurm.conf
-MARKER="# Written by vitscale launch/slurm_local.sh"
 
 die() { echo "slurm_local.sh: $*" >&2; exit 1; }
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -63,8 +63,8 @@ render_config() {
   topo=$(slurmd -C | head -1 | grep -o 'Boards=.*ThreadsPerCore=[0-9]*')
   mem=$(( $(awk '/MemTotal/{print int($2/1024)}' /proc/meminfo) * 9 / 10 ))
   cat <<EOF
-$MARKER
-ClusterName=vitscale-local
+# Written by vitscale launch/slurm_local.sh (a single-host test cluster).
+ClusterName=ci
 SlurmctldHost=$host
 SlurmUser=root
 AuthType=auth/munge
@@ -91,7 +91,8 @@ PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
   if [ "$FAKE_NODES" -gt 0 ]; then
     for i in $(seq 1 "$FAKE_NODES"); do
-      echo "NodeName=n$i NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((17000 + i)) $topo RealMemory=$mem State=UNKNOWN"
+      echo "NodeName=n$i NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((17000 + i))" \
+        "$topo RealMemory=$mem State=UNKNOWN"
     done
     echo "PartitionName=multi Nodes=n[1-$FAKE_NODES] MaxTime=INFINITE State=UP"
   fi
@@ -112,7 +113,7 @@ stop_daemons() {
 
 wait_idle() {
   for _ in $(seq 120); do
-    if [ -n "$(sinfo -h 2>/dev/null)" ] && [ -z "$(sinfo -h -N -o '%t' 2>/dev/null | grep -v '^idle$')" ]; then
+    if [ -n "$(sinfo -h 2>/dev/null)" ] && [ "$(sinfo -h -N -o '%t' 2>/dev/null | grep -cv '^idle$')" = 0 ]; then
       return 0
     fi
     sleep 0.5
@@ -136,9 +137,10 @@ cmd_start() {
   new=$(mktemp)
   render_config "$host" >"$new"
   if ! cmp -s "$new" "$CONF"; then
-    if [ -e "$CONF" ] && ! grep -qxF "$MARKER" "$CONF"; then
+    # Ours (or the same recipe's): it keeps its daemons' state under $BASE.
+    if [ -e "$CONF" ] && ! grep -qxF "SlurmctldPidFile=$BASE/run/slurmctld.pid" "$CONF"; then
       rm -f "$new"
-      die "$CONF exists and was not written by this script; move it away to use the local cluster"
+      die "$CONF belongs to another cluster (its state is not under $BASE); move it away to use the local one"
     fi
     stop_daemons   # config changed: restart the daemons with the new one
     mkdir -p "$(dirname "$CONF")"; cp "$new" "$CONF"

@@ -1,7 +1,7 @@
-"""``launch/pretrain.sh`` on a real SLURM (``launch/slurm_local.sh``): run, preempt + requeue, fail once.
+"""The sbatch launchers on a real SLURM (``launch/slurm_local.sh``): run, preempt + requeue, fail once, finetune.
 
-Four jobs of the tiny demo recipe run at the same time (one module fixture, so
-the whole file costs about one job's restart cycle), each submitted with
+Five jobs of the tiny demo recipes share the cluster at once (one module fixture,
+so the whole file costs about one job's restart cycle), each submitted with
 ``sbatch --wait`` and each in its own run directory:
 
 * ``debug``: partition ``debug``, 1 node x 2 tasks, uninterrupted;
@@ -11,7 +11,8 @@ the whole file costs about one job's restart cycle), each submitted with
   ``SLURM_RESTART_COUNT=1``, resume and reach the same final step, and every
   step must appear exactly once with the loss the uninterrupted run logged;
 * ``broken``: a data path that does not exist; the trainer exits 2 and the job
-  must fail once, with the error in its log, and never restart.
+  must fail once, with the error in its log, and never restart;
+* ``finetune``: ``launch/finetune.sh`` from the ``debug`` run (``--dependency=afterok``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -34,13 +35,14 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = REPO / "launch" / "slurm_local.sh"
-PRETRAIN_SH = REPO / "launch" / "pretrain.sh"
-CONFIG = REPO / "configs" / "pretrain" / "demo.yaml"
+PRETRAIN = (REPO / "launch" / "pretrain.sh", REPO / "configs" / "pretrain" / "demo.yaml")
+FINETUNE = (REPO / "launch" / "finetune.sh", REPO / "configs" / "finetune" / "demo.yaml")
 STEPS = 24
 CHECKPOINT_EVERY = 8
+FINETUNE_STEPS = 6
 JOB_TIMEOUT_S = 900
 STEP_LINE = re.compile(r"\[rank 0\] step (\d+)/(\d+) loss ([0-9.]+)")
-START_LINE = re.compile(r"vitscale pretrain: job (\d+), restart (\d+)")
+START_LINE = re.compile(r"vitscale (?:pretrain|finetune): job (\d+), restart (\d+)")
 LOSS_TOLERANCE = 2e-3
 """Resumed and uninterrupted runs agree to float-summation noise; a shifted or repeated batch
 moves the loss by far more (consecutive demo losses differ by 0.01-0.1)."""
@@ -89,7 +91,7 @@ def slurm_cluster():
 
 @dataclass
 class Job:
-    """One ``sbatch --wait`` of ``launch/pretrain.sh`` and what it left behind."""
+    """One ``sbatch --wait`` of a launcher and what it left behind."""
 
     name: str
     run_dir: Path
@@ -120,20 +122,37 @@ class Job:
         return [int(restart) for _, restart in START_LINE.findall(self.text)]
 
 
+def _job_name(name: str) -> str:
+    """SLURM job name, unique to this test session."""
+    return f"vitscale-test-{os.getpid()}-{name}"
+
+
 def _submit(name: str, root: Path, shards: Path, partition: str, nodes: int, tasks_per_node: int,
-            extra: tuple[str, ...] = ()) -> Job:
+            extra: tuple[str, ...] = (), stage: tuple[Path, Path] = PRETRAIN, steps: int = STEPS,
+            sbatch_args: tuple[str, ...] = ()) -> Job:
     run_dir, log = root / name, root / f"{name}.log"
     overrides = [f"data.train_shards={shards}", f"data.eval_shards={shards}", f"run.dir={run_dir}",
-                 f"schedule.total_steps={STEPS}", "schedule.warmup_steps=4",
+                 f"schedule.total_steps={steps}", "schedule.warmup_steps=2",
                  f"checkpoint.every_steps={CHECKPOINT_EVERY}", "logging.every_steps=1", "eval.every_steps=0",
                  *extra]
-    command = ["sbatch", "--wait", f"--job-name=vitscale-test-{name}", f"--partition={partition}",
+    script, config = stage
+    command = ["sbatch", "--wait", f"--job-name={_job_name(name)}", f"--partition={partition}",
                f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--gpus-per-node=0",
-               "--cpus-per-task=1", f"--output={log}", f"--chdir={root}", str(PRETRAIN_SH), str(CONFIG),
+               "--cpus-per-task=1", f"--output={log}", f"--chdir={root}", *sbatch_args, str(script), str(config),
                *overrides]
     env = {**os.environ, "PYTHON": sys.executable}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return Job(name=name, run_dir=run_dir, log=log, proc=proc)
+
+
+def _queued_id(name: str) -> str:
+    """The id of this session's job ``name`` once the controller has it (before it starts)."""
+    for _ in range(120):
+        ids = _sh("squeue", "-h", "-o", "%i", f"--name={_job_name(name)}").stdout.split()
+        if ids:
+            return ids[0]
+        time.sleep(0.5)
+    raise AssertionError(f"job {name} never showed up in squeue")
 
 
 def _maybe_preempt(job: Job) -> None:
@@ -155,9 +174,12 @@ def jobs(slurm_cluster, demo_shards: Path, tmp_path_factory: pytest.TempPathFact
         "debug": _submit("debug", root, demo_shards, "debug", 1, 2),
         "multi": _submit("multi", root, demo_shards, "multi", 2, 1),
         "preempt": _submit("preempt", root, demo_shards, "multi", 2, 1),
-        "broken": _submit("broken", root, demo_shards, "debug", 1, 1,
+        "broken": _submit("broken", root, demo_shards, "multi", 1, 1,
                           extra=(f"data.train_shards={root / 'no_such_shards'}",)),
     }
+    submitted["finetune"] = _submit("finetune", root, demo_shards, "debug", 1, 2, stage=FINETUNE,
+                                    steps=FINETUNE_STEPS, extra=(f"init={root / 'debug'}",),
+                                    sbatch_args=(f"--dependency=afterok:{_queued_id('debug')}",))
     deadline = time.monotonic() + JOB_TIMEOUT_S
     try:
         while any(job.returncode is None for job in submitted.values()):
@@ -169,21 +191,19 @@ def jobs(slurm_cluster, demo_shards: Path, tmp_path_factory: pytest.TempPathFact
                     job.state = _sh("scontrol", "show", "job", job.job_id() or "0").stdout
             time.sleep(0.5)
     finally:
-        for job in submitted.values():
+        for name, job in submitted.items():
             if job.returncode is None:
-                if job.job_id():
-                    _sh("scancel", job.job_id())
+                _sh("scancel", f"--name={_job_name(name)}")
                 job.proc.kill()
     return submitted
 
 
-def _assert_completed(job: Job) -> None:
+def _assert_completed(job: Job, steps: int = STEPS) -> None:
     assert job.returncode == 0, f"job {job.name} exited {job.returncode}:\n{job.text[-3000:]}"
     assert job.field("JobState") == "COMPLETED"
-    steps = [step for step, _ in job.steps()]
-    assert steps[-1] == STEPS and f"finished {STEPS} steps" in job.text
+    assert job.steps()[-1][0] == steps
     latest = CheckpointDir(job.run_dir / "checkpoints").find()
-    assert latest is not None and latest.step == STEPS, latest
+    assert latest is not None and latest.step == steps, latest
 
 
 def test_debug_partition_one_node_two_tasks(jobs: dict[str, Job]) -> None:
@@ -234,3 +254,10 @@ def test_failing_job_fails_once_with_the_error_in_its_log(jobs: dict[str, Job]) 
     assert "no_such_shards does not exist" in job.text
     assert "not requeued" in job.text
     assert job.starts() == [0]
+
+
+def test_finetune_job_starts_from_the_pretraining_run(jobs: dict[str, Job]) -> None:
+    job = jobs["finetune"]
+    _assert_completed(job, FINETUNE_STEPS)
+    assert str(jobs["debug"].run_dir) in job.text and job.starts() == [0]
+    assert [step for step, _ in job.steps()] == list(range(1, FINETUNE_STEPS + 1))

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Optional
 
+from .plan import Part
 from .sources import FORMATS
 
 EXIT_PROBLEMS = 1
@@ -31,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--quality", type=int, default=95, help="JPEG quality of resized images (default 95)")
     conv.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
     conv.add_argument("--name", help="dataset name in _info.json (default: the source folder's name)")
+    parts = conv.add_mutually_exclusive_group()
+    parts.add_argument("--part", type=_part, metavar="I/N",
+                       help="write only shards i with i %% N == I and no manifest (one of N parallel processes, "
+                            "e.g. a SLURM array task); then run the same command with --merge")
+    parts.add_argument("--merge", action="store_true",
+                       help="after all --part runs: check every shard was written and write the manifest")
     conv.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     check = commands.add_parser("verify", help="re-read every shard: checksums, counts, decoding, labels")
@@ -43,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="write the bundled digits demo dataset and its shards")
     demo.add_argument("out", nargs="?", default="data/demo", help="output folder (default data/demo)")
     return parser
+
+
+def _part(text: str) -> Part:
+    """argparse type for ``--part``: a ``Part``, or a usage error that says what is wrong."""
+    try:
+        return Part.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -60,7 +75,12 @@ def _convert(args: argparse.Namespace) -> int:
     summary = convert(args.source, args.out, split=args.split, fmt=args.fmt, class_map=args.class_map,
                       samples_per_shard=args.samples_per_shard, shard_size=args.shard_size, workers=args.workers,
                       resize_max=args.resize_max, quality=args.quality, seed=args.seed, name=args.name,
-                      progress=not args.no_progress)
+                      part=args.part, merge=args.merge, progress=not args.no_progress)
+    if "part" in summary:
+        print(f"{summary['split']} part {summary['part']}: {summary['planned_samples']} planned samples in "
+              f"{summary['shards']} shards ({summary['shards_written']} written now), {summary['seconds']:.1f} s; "
+              "when every part has finished, run the same command with --merge instead of --part")
+        return 0
     print(f"{summary['split']}: {summary['num_samples']} samples in {summary['shards']} shards "
           f"({summary['shards_written']} written now), {summary['skipped']} skipped"
           + (f" (reasons in {summary['errors_file']})" if summary["skipped"] else "")

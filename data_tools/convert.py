@@ -11,6 +11,20 @@ written:
    (``writer.py``); finished shards of an earlier, killed run are kept.
 4. Last, write ``_errors.jsonl`` and the split's entry in ``_info.json``, and drop the
    work folder. A split present in ``_info.json`` is complete.
+
+Splitting the work over independent processes or nodes (a SLURM array,
+``launch/convert.sh``): every part runs the same command with ``part=Part(i, n)``
+(``--part i/n``), plans exactly as above (the plan is deterministic, so all parts
+agree), writes only its shards (index % n == i) and stops after step 3, keeping
+the work folder. Then the same command with ``merge=True`` (``--merge``) writes no
+image: it checks that every planned shard is there (naming the missing ones
+otherwise) and does step 4. The merge is a separate flag, not "the command
+without ``--part``", because that command converts whatever is missing in one
+process, which is the right way to finish a single-process run but would silently
+turn a failed part of a 21k-class conversion into hours of work on one node.
+Parts started at the same moment all write the same ``plan.json`` and
+``classes.json`` (atomic renames of identical content), and a part tells another
+part's shards from a foreign dataset's by the plan digest in ``plan.json``.
 """
 
 from __future__ import annotations
@@ -28,13 +42,15 @@ from tqdm import tqdm
 
 from .manifest import (CLASSES_FILE, ERRORS_FILE, INFO_FILE, read_classes, read_info, shard_name,
                        write_errors, write_json_atomic, write_split)
-from .plan import Plan, make_plan, parse_size
+from .plan import Part, Plan, make_plan, parse_size
 from .sources import Listing, list_source, load_class_map, sorted_class_names
 from .stats import SplitStats
 from .writer import ShardTask, record_path, write_shard
 
 WORK_DIR = "_work"
 DEFAULT_SHARD_SIZE = "1GB"
+MISSING_SHOWN = 10
+"""Missing shards named in a failed merge's message."""
 
 
 class ConversionError(ValueError):
@@ -44,16 +60,22 @@ class ConversionError(ValueError):
 def convert(source: Union[str, Path], out: Union[str, Path], *, split: str = "train", fmt: Optional[str] = None,
             class_map: Optional[Union[str, Path]] = None, samples_per_shard: Optional[int] = None,
             shard_size: Optional[Union[int, str]] = None, workers: int = 1, resize_max: Optional[int] = None,
-            quality: int = 95, seed: int = 0, name: Optional[str] = None, progress: bool = True) -> dict:
+            quality: int = 95, seed: int = 0, name: Optional[str] = None, part: Optional[Part] = None,
+            merge: bool = False, progress: bool = True) -> dict:
     """Convert ``source`` into split ``split`` of shard directory ``out`` and return a summary.
 
     Shards hold ``samples_per_shard`` samples, or ``shard_size`` source bytes
     (``"1GB"`` when neither is given). ``name`` is the dataset name in ``_info.json``
     (default: the existing one, else the source folder's name). Rerunning the same call after a crash
     finishes the missing shards; rerunning it after success does nothing.
+    ``part`` writes only that part's shards and no manifest; ``merge`` writes no shard and
+    the manifest, once every part has finished (module docstring).
     """
     started = time.perf_counter()
     source, out = Path(source), Path(out)
+    if part is not None and merge:
+        raise ValueError("give either part (--part I/N) or merge (--merge), not both: "
+                         "run the parts first, then the merge")
     shard_bytes = _check_arguments(split, samples_per_shard, shard_size, workers, resize_max, quality)
     if not source.exists():
         raise FileNotFoundError(f"source {source} does not exist: give an ImageFolder root, a folder of class "
@@ -68,14 +90,19 @@ def convert(source: Union[str, Path], out: Union[str, Path], *, split: str = "tr
         _drop_work(out, work)  # left behind when a kill came between the manifest and its removal
         return _summary(out, split, read_info(out)["splits"][split], started, written=0)
     _check_unfinished(out, work, plan)
+    tasks = [ShardTask(out, work, listing.root, shard_name(split, i), shard, resize_max, quality)
+             for i, shard in enumerate(plan.shards)]
+    mine = [t for i, t in enumerate(tasks) if part is None or part.owns(i)]
+    pending = [t for t in mine if not (out / t.name).is_file() or not record_path(work, t.name).is_file()]
+    if merge:
+        _check_all_written(out, plan.split, tasks, pending)
     work.mkdir(parents=True, exist_ok=True)
     write_json_atomic(work / "plan.json", {"digest": plan.digest, "source": str(source), "shards": len(plan.shards)})
     if read_classes(out) is None:
         write_json_atomic(out / CLASSES_FILE, classes)
-    tasks = [ShardTask(out, work, listing.root, shard_name(split, i), shard, resize_max, quality)
-             for i, shard in enumerate(plan.shards)]
-    pending = [t for t in tasks if not (out / t.name).is_file() or not record_path(work, t.name).is_file()]
-    _write_shards(pending, workers, progress, split, plan.num_items, plan.num_items - _planned(pending))
+    _write_shards(pending, workers, progress, split, _planned(mine), _planned(mine) - _planned(pending))
+    if part is not None:
+        return _part_summary(out, split, part, mine, started, written=len(pending))
     records = [json.loads(record_path(work, t.name).read_text()) for t in tasks]
     entry = _finish(out, plan, listing, records, name=name or _dataset_name(out, source))
     _drop_work(out, work)
@@ -149,14 +176,20 @@ def _already_converted(out: Path, plan: Plan) -> bool:
 
 
 def _check_unfinished(out: Path, work: Path, plan: Plan) -> None:
-    """Refuse to mix shards of another, unfinished conversion (or foreign files) with this one."""
+    """Refuse to mix shards of another, unfinished conversion (or foreign files) with this one.
+
+    Shards are listed before ``plan.json`` is read: every conversion writes its plan
+    before its first shard, so a part that sees shards written by a part started at
+    the same moment also sees their plan, and compares digests instead of calling
+    them foreign.
+    """
+    foreign = sorted(p.name for p in out.glob(f"{plan.split}-*.tar"))
     plan_file = work / "plan.json"
     if plan_file.is_file():
         if json.loads(plan_file.read_text())["digest"] != plan.digest:
             raise ConversionError(f"{out} holds an unfinished conversion of split {plan.split!r} with other images "
                                   f"or settings: rerun that exact command to finish it, or delete {out}")
         return
-    foreign = sorted(p.name for p in out.glob(f"{plan.split}-*.tar"))
     if foreign:
         raise ConversionError(f"{out} already holds shards not written by this conversion ({foreign[0]}, ...): "
                               "write to another folder or delete them")
@@ -164,6 +197,16 @@ def _check_unfinished(out: Path, work: Path, plan: Plan) -> None:
 
 def _planned(tasks: list[ShardTask]) -> int:
     return sum(len(t.samples) for t in tasks)
+
+
+def _check_all_written(out: Path, split: str, tasks: list[ShardTask], missing: list[ShardTask]) -> None:
+    """Merge: every planned shard must have been written by its part."""
+    if not missing:
+        return
+    shown = ", ".join(t.name for t in missing[:MISSING_SHOWN]) + (", ..." if len(missing) > MISSING_SHOWN else "")
+    raise ConversionError(f"cannot merge split {split!r} of {out}: {len(missing)} of {len(tasks)} planned shards "
+                          f"are missing ({shown}); shard i is written by part i % N: rerun the parts that failed "
+                          "(the same command with --part I/N; their finished shards are kept), then merge again")
 
 
 def _write_shards(tasks: list[ShardTask], workers: int, progress: bool, split: str, total: int, done: int) -> None:
@@ -213,6 +256,11 @@ def _dataset_name(out: Path, source: Path) -> str:
     if (out / INFO_FILE).is_file():
         return read_info(out).get("name") or source.stem
     return source.resolve().stem
+
+
+def _part_summary(out: Path, split: str, part: Part, tasks: list[ShardTask], started: float, written: int) -> dict:
+    return {"split": split, "out": str(out), "part": str(part), "shards": len(tasks), "shards_written": written,
+            "planned_samples": _planned(tasks), "seconds": round(time.perf_counter() - started, 3)}
 
 
 def _summary(out: Path, split: str, entry: dict, started: float, written: int) -> dict:

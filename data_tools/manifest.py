@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
 
@@ -43,11 +44,27 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file and a rename, so readers never see half a file.
+
+    The temporary name is random, so several processes, on several nodes, may write
+    the same file at once (the parts of a conversion all write the same plan): each
+    rename is atomic and the last one wins. (Not ``tempfile.mkstemp``: its files are
+    private to the owner, and a shared dataset must keep the umask's permissions.)
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        with open(tmp, "x") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(path: Path, data: object) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    """``data`` as indented JSON, written atomically (``write_text_atomic``)."""
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def read_info(out: PathLike) -> dict:
@@ -105,7 +122,4 @@ def write_errors(out: Path, split: str, errors: list[dict]) -> None:
     """Replace ``split``'s entries in ``out/_errors.jsonl``, keeping the other splits'."""
     kept = [e for e in read_errors(out) if e.get("split") != split]
     lines = [json.dumps(e) for e in kept + [{"split": split, **e} for e in errors]]
-    path = out / ERRORS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    write_text_atomic(out / ERRORS_FILE, "".join(line + "\n" for line in lines))

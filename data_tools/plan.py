@@ -24,6 +24,39 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
 
 
 @dataclass(frozen=True)
+class Part:
+    """Part ``index`` of ``count``: the shards ``i`` with ``i % count == index``.
+
+    Round-robin rather than contiguous ranges, so every part gets a similar mix of
+    shard sizes and a part's share stays balanced whatever the shard count.
+    """
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"part {self}: the number of parts must be at least 1")
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"part {self}: the part index must be in 0..{self.count - 1} (parts are numbered "
+                             "from 0, like SLURM_ARRAY_TASK_ID with --array=0-N-1)")
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Part":
+        """``Part`` from ``"I/N"`` (e.g. ``"3/16"``)."""
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not match:
+            raise ValueError(f"part {text!r} not understood: write INDEX/COUNT, e.g. 3/16 for the fourth of 16 parts")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    def owns(self, shard_index: int) -> bool:
+        return shard_index % self.count == self.index
+
+
+@dataclass(frozen=True)
 class Plan:
     """Shard assignment of one split; ``shards[i]`` lists ``(key, label index, item)`` of shard i."""
 
@@ -31,10 +64,6 @@ class Plan:
     classes: list[str]
     shards: list[list[tuple[str, int, Item]]]
     digest: str
-
-    @property
-    def num_items(self) -> int:
-        return sum(len(shard) for shard in self.shards)
 
 
 def sample_key(rel: str) -> str:

@@ -13,10 +13,15 @@ so the whole file costs about one job's restart cycle), each submitted with
 * ``broken``: a data path that does not exist; the trainer exits 2 and the job
   must fail once, with the error in its log, and never restart;
 * ``finetune``: ``launch/finetune.sh`` from the ``debug`` run (``--dependency=afterok``).
+
+Apart from those, ``launch/convert.sh`` converts a tiny ImageFolder as a 3-task array plus
+the merge job its first task submits, and, with one part left out, the merge must fail naming
+that part's shards until the part is rerun (``PARTS=3 --array=2``) and its own merge succeeds.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+import webdataset as wds
 
 from pretrain.checkpoint import CheckpointDir
 
@@ -37,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = REPO / "launch" / "slurm_local.sh"
 PRETRAIN = (REPO / "launch" / "pretrain.sh", REPO / "configs" / "pretrain" / "demo.yaml")
 FINETUNE = (REPO / "launch" / "finetune.sh", REPO / "configs" / "finetune" / "demo.yaml")
+CONVERT = REPO / "launch" / "convert.sh"
 STEPS = 24
 CHECKPOINT_EVERY = 8
 FINETUNE_STEPS = 6
@@ -261,3 +268,72 @@ def test_finetune_job_starts_from_the_pretraining_run(jobs: dict[str, Job]) -> N
     _assert_completed(job, FINETUNE_STEPS)
     assert str(jobs["debug"].run_dir) in job.text and job.starts() == [0]
     assert [step for step, _ in job.steps()] == list(range(1, FINETUNE_STEPS + 1))
+
+
+def _wait_until_gone(job_id: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _sh("squeue", "-h", "-j", job_id).stdout.strip():
+        assert time.monotonic() < deadline, f"job {job_id} still queued or running after {timeout} s"
+        time.sleep(0.5)
+
+
+def _convert_array(name: str, root: Path, source: Path, array: str, parts: Optional[int] = None,
+                   ) -> tuple[subprocess.CompletedProcess, dict[int, str]]:
+    """``sbatch --wait --array=ARRAY launch/convert.sh SOURCE out`` in ``root``; its result and task logs."""
+    logs = root / "logs"
+    logs.mkdir(exist_ok=True)
+    command = ["sbatch", "--wait", f"--array={array}", f"--job-name={_job_name(name)}", "--partition=debug",
+               "--cpus-per-task=1", f"--output={logs}/%x-%A_%a.out", f"--chdir={root}", str(CONVERT), str(source),
+               "out", "--samples-per-shard", "2"]   # relative OUT: taken from the submit directory, merge included
+    env = {**os.environ, "PYTHON": sys.executable, **({"PARTS": str(parts)} if parts else {})}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    return proc, {int(p.stem.rsplit("_", 1)[1]): p.read_text() for p in logs.glob(f"{_job_name(name)}-*_*.out")}
+
+
+def _merge_log(root: Path, name: str, task_log: str) -> str:
+    """Wait for the merge job a task log announces; its log."""
+    merge = re.search(r"submitted merge job (\d+)", task_log)
+    assert merge, task_log
+    _wait_until_gone(merge.group(1), JOB_TIMEOUT_S)
+    return (root / "logs" / f"{_job_name(name)}-merge-{merge.group(1)}.out").read_text()
+
+
+def test_convert_array_writes_each_shard_once_and_merges(slurm_cluster, dt_imagefolder, tmp_path: Path) -> None:
+    counts = {"ant": 6, "bee": 5, "cow": 4}
+    source = dt_imagefolder(counts)
+    proc, task_logs = _convert_array("convert", tmp_path, source, "0-2")
+    assert proc.returncode == 0, (proc.stdout, proc.stderr, task_logs)
+    assert sorted(task_logs) == [0, 1, 2]
+    written = {i: re.search(rf"train part {i}/3: \d+ planned samples in (\d+) shards \((\d+) written now\)", text)
+               for i, text in task_logs.items()}
+    assert all(match and match.group(1) == match.group(2) for match in written.values()), task_logs
+    assert not any("submitted merge job" in task_logs[i] for i in (1, 2))
+    merge_log = _merge_log(tmp_path, "convert", task_logs[0])
+    out = tmp_path / "out"
+    entry = json.loads((out / "_info.json").read_text())["splits"]["train"]
+    assert f"train: 15 samples in {len(entry['filenames'])} shards (0 written now)" in merge_log, merge_log
+    assert len(entry["filenames"]) == sum(int(m.group(1)) for m in written.values()) == 8
+    paths = [json.loads(sample["json"])["path"] for shard in entry["filenames"]
+             for sample in wds.WebDataset(str(out / shard), shardshuffle=False)]
+    assert sorted(paths) == sorted(str(p.relative_to(source)) for p in source.rglob("*.jpg"))
+    assert len(paths) == entry["num_samples"] == sum(counts.values())
+    check = subprocess.run([sys.executable, "-m", "data_tools", "verify", str(out)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert not (out / "_work").exists()
+
+
+def test_convert_merge_after_a_missing_part_fails_then_the_rerun_part_merges(slurm_cluster, dt_imagefolder,
+                                                                              tmp_path: Path) -> None:
+    source = dt_imagefolder({"ant": 6, "bee": 5, "cow": 4})   # 8 shards; part 2 of 3 writes 2 and 5
+    proc, task_logs = _convert_array("convert-gap", tmp_path, source, "0-1", parts=3)
+    assert proc.returncode == 0 and sorted(task_logs) == [0, 1], (proc.stderr, task_logs)
+    merge_log = _merge_log(tmp_path, "convert-gap", task_logs[0])   # afterany: it runs, and fails plainly
+    assert "2 of 8 planned shards are missing (train-000002.tar, train-000005.tar)" in merge_log, merge_log
+    assert not (tmp_path / "out" / "_info.json").exists()
+
+    proc, task_logs = _convert_array("convert-rerun", tmp_path, source, "2", parts=3)
+    assert proc.returncode == 0 and "train part 2/3" in task_logs[2], (proc.stderr, task_logs)
+    assert "train: 15 samples in 8 shards (0 written now)" in _merge_log(tmp_path, "convert-rerun", task_logs[2])
+    check = subprocess.run([sys.executable, "-m", "data_tools", "verify", str(tmp_path / "out")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -13,7 +13,9 @@ Choices made here:
   is inf/NaN (and then do not step the LR schedule). For fp32 that check is always
   on at stages 1-3; for bf16 we switch it on (``check_grad_overflow``); fp16 has
   it through loss scaling. Stage 0 (a plain torch optimizer) has no such check:
-  ``discard_gradients`` drops the gradients so the optimizer skips every parameter.
+  there the torch optimizer gets an ``overflow`` flag that the loop sets for a
+  non-finite step; its ``step()`` then does nothing and DeepSpeed's engine, which
+  reads the same attribute, counts the step as skipped, as with ZeRO.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim import Optimizer
 
 from pretrain.config import Config, ConfigError
 from pretrain.optim import build_optimizer, build_scheduler
@@ -85,6 +88,8 @@ def build_engine(model: nn.Module, cfg: Config, ds_config: dict[str, Any]) -> An
     import deepspeed
 
     optimizer = build_optimizer(model, cfg.optim)
+    if cfg.deepspeed.zero_stage == 0:
+        _skippable(optimizer)
     scheduler = build_scheduler(optimizer, cfg.schedule)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
@@ -103,15 +108,32 @@ def grad_norm(engine: Any) -> float:
     return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
 
-def discard_gradients(engine: Any) -> None:
-    """Make the coming ``engine.step()`` a no-op for a step with a non-finite loss.
+class _SkipWhenOverflow:
+    """Mixin for a torch optimizer: ``step()`` is a no-op while ``overflow`` is set."""
 
-    ZeRO stages skip such steps themselves (inf/NaN gradient norm). Without ZeRO the
-    optimizer is the torch one, which leaves parameters whose ``grad`` is None untouched.
+    overflow = False
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        if self.overflow:
+            return None
+        return super().step(closure)  # type: ignore[misc]
+
+
+def _skippable(optimizer: Optimizer) -> Optimizer:
+    """Give ``optimizer`` the ``overflow`` switch (its class gains the mixin; its state is untouched)."""
+    cls = type(optimizer)
+    optimizer.__class__ = type(f"Skippable{cls.__name__}", (_SkipWhenOverflow, cls), {})
+    return optimizer
+
+
+def skip_step_if(engine: Any, nonfinite: bool) -> None:
+    """Call before the ``engine.step()`` that ends an optimizer step: skip its update if ``nonfinite``.
+
+    ZeRO stages detect the non-finite gradients themselves; at stage 0 the switch is ours.
     """
     if engine.zero_optimization_stage() == 0:
-        for param in engine.module.parameters():
-            param.grad = None
+        inner = engine.optimizer if isinstance(engine.optimizer, Optimizer) else engine.optimizer.optimizer
+        inner.overflow = nonfinite
 
 
 def optimizer_state_elements(engine: Any) -> dict[str, int]:

@@ -23,8 +23,6 @@ from typing import Any, Optional
 
 import torch
 
-log = logging.getLogger(__name__)
-
 PEAK_TFLOPS: dict[str, float] = {
     "B200": 2250.0,
     "H200": 989.0,
@@ -185,6 +183,3 @@ class Stopwatch:
         elapsed, self.last = now - self.last, now
         return elapsed
 
-
-def format_summary(values: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())

@@ -22,13 +22,13 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from pretrain.checkpoint import CheckpointDir, Checkpoint, convert_to_universal, load_deepspeed, param_shapes, \
-    save_deepspeed
+from pretrain.checkpoint import (Checkpoint, CheckpointDir, convert_to_universal, load_deepspeed, param_shapes,
+                                 save_deepspeed)
 from pretrain.config import Config, ConfigError, config_to_dict, dump_config
 from pretrain.data import StreamPosition, build_eval_stream, build_train_stream
 from pretrain.distributed import DistEnv
-from pretrain.engine import build_engine, current_lr, deepspeed_config, discard_gradients, grad_accum_steps, grad_norm, \
-    optimizer_state_elements
+from pretrain.engine import (build_engine, current_lr, deepspeed_config, grad_accum_steps, grad_norm,
+                             optimizer_state_elements, skip_step_if)
 from pretrain.flops import flops_per_image
 from pretrain.loss import build_loss, target_kind
 from pretrain.metrics import MetricsWriter, Throughput, console_line, device_peak_tflops, memory_gb
@@ -197,8 +197,7 @@ def train_step(run: Run) -> StepResult:
         loss_sum += loss.detach().double() if finite else 0.0
         if micro == run.grad_accum - 1:
             mean_loss, any_bad, stop = _agree(run, loss_sum, nonfinite)
-            if any_bad:
-                discard_gradients(engine)
+            skip_step_if(engine, any_bad)
         engine.step()
     return StepResult(mean_loss if not any_bad else float("nan"), any_bad, stop, data_time,
                       time.perf_counter() - start)

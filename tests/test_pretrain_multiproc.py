@@ -30,7 +30,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 RECIPE = "configs/pretrain/demo.yaml"
 STEPS = 40
 COMMON = [f"schedule.total_steps={STEPS}", "schedule.warmup_steps=5", "checkpoint.every_steps=10",
-          "eval.every_steps=20", "logging.every_steps=10", "checkpoint.keep_last=5"]
+          "eval.every_steps=20", "logging.every_steps=10", "checkpoint.keep_last=5", "data.num_workers=0"]
 
 
 def _env() -> dict[str, str]:
@@ -96,21 +96,24 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
         time.sleep(0.2)
 
 
-def interrupt(run_dir: Path, shards: Path, stop_after: int, sig: int, victims: str) -> int:
-    """Start a 2-process run, send ``sig`` once step ``stop_after`` is logged; return torchrun's status."""
-    proc = subprocess.Popen(pretrain_cmd(2, run_dir, shards), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        metrics = run_dir / "metrics.jsonl"
-        wait_for(lambda: metrics.is_file() and max(losses(run_dir), default=0) >= stop_after, proc)
-        workers = children(proc.pid)
-        assert len(workers) == 2, workers
-        for pid in workers if victims == "all" else workers[:1]:
-            os.kill(pid, sig)
-        return proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+def interrupt(run_dir: Path, shards: Path, stop_after: int, sig: int, victims: str) -> tuple[int, str]:
+    """Start a 2-process run, send ``sig`` once step ``stop_after`` is logged; return torchrun's status and log."""
+    log_file = run_dir.parent / f"{run_dir.name}-{stop_after}.log"
+    with open(log_file, "w") as out:
+        proc = subprocess.Popen(pretrain_cmd(2, run_dir, shards), cwd=REPO, env=_env(), stdout=out,
+                                stderr=subprocess.STDOUT)
+        try:
+            metrics = run_dir / "metrics.jsonl"
+            wait_for(lambda: metrics.is_file() and max(losses(run_dir), default=0) >= stop_after, proc)
+            workers = children(proc.pid)
+            assert len(workers) == 2, workers
+            for pid in workers if victims == "all" else workers[:1]:
+                os.kill(pid, sig)
+            status = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return status, log_file.read_text()
 
 
 # ------------------------------------------------------------------ fixtures
@@ -159,71 +162,59 @@ def test_zero2_trains_and_partitions_state(reference: tuple[Path, str], demo_sha
 def test_bf16_runs(stage: int, demo_shards: Path, tmp_path: Path) -> None:
     """Must show 1, bf16 (about 18x slower than fp32 on this CPU, so a few small steps only)."""
     check_ok(run_pretrain(2, tmp_path / "run", demo_shards, f"deepspeed.zero_stage={stage}",
-                          "deepspeed.precision=bf16", "schedule.total_steps=3", "schedule.warmup_steps=1", "data.global_batch_size=16",
-                          "data.micro_batch_size=8", "eval.max_batches=1", "eval.every_steps=0"))
+                          "deepspeed.precision=bf16", "schedule.total_steps=2", "schedule.warmup_steps=1",
+                          "data.global_batch_size=16", "data.micro_batch_size=8", "eval.max_batches=1", "eval.every_steps=0"))
     loss = losses(tmp_path / "run")
-    assert sorted(loss) == [1, 2, 3] and all(0 < v < 3 for v in loss.values()), loss
+    assert sorted(loss) == [1, 2] and all(0 < v < 3 for v in loss.values()), loss
     assert len(eval_top1(tmp_path / "run")) == 1
 
 
-@pytest.mark.parametrize("sig,victims", [(signal.SIGKILL, "one"), (signal.SIGUSR1, "all")])
-def test_resume_matches_uninterrupted(sig: int, victims: str, reference: tuple[Path, str], demo_shards: Path,
-                                      tmp_path: Path) -> None:
-    """Must show 3: stop at a random step after a checkpoint, rerun: every loss equals the reference's.
+def test_resume_matches_uninterrupted(reference: tuple[Path, str], demo_shards: Path, tmp_path: Path) -> None:
+    """Must show 3: SIGUSR1 at a random step (clean save, status 75 per worker), resume, kill -9 one worker
+    at a random step after the step-20 checkpoint, resume again: every loss equals the reference's.
 
     fp32, same seed and world size: the losses are bit-identical (tolerance 0), because the
     checkpoint holds the fp32 master weights, Adam moments, schedule, RNG states and the
     data position, and the stream rebuilds exactly the batches the uninterrupted run saw.
     """
-    run_dir = tmp_path / "run"
-    stop_after = random.Random().randint(11, 27)
-    status = interrupt(run_dir, demo_shards, stop_after, sig, victims)
-    assert status != 0
-    latest = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
-    # kill -9 leaves the last periodic checkpoint; a clean stop saves the step it finished.
-    assert latest >= stop_after if sig == signal.SIGUSR1 else latest == stop_after // 10 * 10
+    run_dir, rng = tmp_path / "run", random.Random()
+    ckpts = run_dir / "checkpoints"
+
+    stop_after = rng.randint(3, 12)
+    status, log = interrupt(run_dir, demo_shards, stop_after, signal.SIGUSR1, victims="all")
+    latest = int((ckpts / "latest").read_text().removeprefix("step_"))
+    assert status != 0 and "exitcode  : 75" in log and latest >= stop_after, log[-3000:]
+
+    kill_after = rng.randint(21, 27)
+    status, _ = interrupt(run_dir, demo_shards, kill_after, signal.SIGKILL, victims="one")
+    assert status != 0 and (ckpts / "latest").read_text() == "step_00000020"
+
     check_ok(run_pretrain(2, run_dir, demo_shards))
     ref, resumed = losses(reference[0]), losses(run_dir)
+    print(f"SIGUSR1 after step {stop_after}, kill -9 after step {kill_after}: {len(ref)} losses compared")
     assert resumed == ref, {s: (ref[s], resumed.get(s)) for s in ref if ref[s] != resumed.get(s)}
 
 
-def test_sigusr1_single_process_exits_75(demo_shards: Path, tmp_path: Path) -> None:
-    """Without torchrun in between, the process' own status is the requeue status 75."""
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen(pretrain_cmd(1, run_dir, demo_shards, "data.eval_shards="), cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and max(losses(run_dir), default=0) >= 2, proc)
-        proc.send_signal(signal.SIGUSR1)
-        assert proc.wait(timeout=120) == 75
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    assert (run_dir / "checkpoints" / latest / "complete.json").is_file()
-
-
 def test_resume_two_processes_on_one(reference: tuple[Path, str], demo_shards: Path, tmp_path: Path) -> None:
-    """Must show 4: the step-20 checkpoint of the 2-process run continues on 1 process (universal checkpoint).
+    """Must show 4: the step-30 checkpoint of the 2-process run continues on 1 process (universal checkpoint).
 
     The data order differs (the stream is seeded per rank), so losses are compared
-    loosely: the mean of the first resumed steps is the reference's within 0.1, well
+    loosely: the mean of the first resumed steps is the reference's within 0.1 and
     below the untrained loss.
     """
     ref_dir = reference[0]
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(ref_dir / "checkpoints" / "step_00000020", run_dir / "checkpoints" / "step_00000020")
-    (run_dir / "checkpoints" / "latest").write_text("step_00000020")
-    log = check_ok(run_pretrain(1, run_dir, demo_shards, "schedule.total_steps=25", "data.eval_shards="))
+    shutil.copytree(ref_dir / "checkpoints" / "step_00000030", run_dir / "checkpoints" / "step_00000030")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000030")
+    log = check_ok(run_pretrain(1, run_dir, demo_shards, "schedule.total_steps=33", "data.eval_shards="))
     assert "converting to a universal checkpoint" in log and "resumed from" in log
     ref, resumed = losses(ref_dir), losses(run_dir)
-    assert sorted(resumed) == list(range(21, 26))
-    mean_resumed, mean_ref = (sum(d[s] for s in range(21, 26)) / 5 for d in (resumed, ref))
+    assert sorted(resumed) == [31, 32, 33]
+    mean_resumed, mean_ref = (sum(d[s] for s in (31, 32, 33)) / 3 for d in (resumed, ref))
     mean_start = sum(ref[s] for s in range(1, 6)) / 5
-    # Single batches differ by ~0.1 (other data order); the trained weights must show.
-    assert abs(mean_resumed - mean_ref) < 0.1 and mean_resumed < mean_start - 0.05, (resumed, ref)
-    assert (run_dir / "checkpoints" / "step_00000025" / "complete.json").is_file()
+    assert abs(mean_resumed - mean_ref) < 0.1 and mean_resumed < mean_start - 0.03, (resumed, ref)
+    assert (run_dir / "checkpoints" / "step_00000033" / "complete.json").is_file()
 
 
 def test_export_loads_without_deepspeed_into_timm(reference: tuple[Path, str], tmp_path: Path) -> None:

@@ -1,0 +1,141 @@
+"""Training-step throughput: our ViT vs timm's in the same plain AdamW loop, and our DeepSpeed engine vs that loop.
+
+    python benchmarks/train_step.py                      # CPU defaults: Ti/16 at 112 px, batch 16, fp32
+    python benchmarks/train_step.py --variant B/16 --img-size 224 --batch 128   # on a GPU: bf16, prints MFU
+
+Figures (images/s, best of ``--repeats`` alternating rounds, so load changes hit every
+contender alike):
+
+* ``ours_plain``: ``pretrain.model`` ViT, ``torch.optim.AdamW``, softmax cross-entropy;
+* ``timm_plain``: timm's ``VisionTransformer`` built from ``ViTConfig.timm_kwargs()`` (same
+  architecture and parameter count), same loop; ``ours_vs_timm`` = ours / timm;
+* ``ours_engine``: the same model in our DeepSpeed engine (``pretrain.engine``, ZeRO-2, one
+  process); ``engine_overhead`` = plain / engine (1.0 = no overhead).
+
+On a GPU the plain loops run under bf16 autocast and the engine in bf16, and MFU is
+reported from ``flops_per_image`` and the device's peak (``pretrain.metrics``).
+The last line of output is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.config import Config
+from pretrain.distributed import DistEnv, init_distributed
+from pretrain.engine import build_engine, deepspeed_config
+from pretrain.flops import flops_per_image
+from pretrain.metrics import device_peak_tflops
+from pretrain.model import build_vit
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", default="Ti/16")
+    parser.add_argument("--img-size", type=int, default=None, help="default 112 on CPU, 224 on GPU")
+    parser.add_argument("--batch", type=int, default=None, help="default 16 on CPU, 128 on GPU")
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    return parser.parse_args()
+
+
+def timed_steps(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds for ``steps`` calls of ``step`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def plain_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    def step() -> None:
+        with autocast:
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def engine_step(model: torch.nn.Module, cfg: Config, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    engine = build_engine(model, cfg, deepspeed_config(cfg, world_size=1))
+    x = x.to(engine.module.cls_token.dtype)
+
+    def step() -> None:
+        loss = F.cross_entropy(engine(x).float(), y)
+        engine.backward(loss)
+        engine.step()
+    return step
+
+
+def main() -> None:
+    args = parse_args()
+    import timm.models.vision_transformer as timm_vit
+
+    device = init_distributed(DistEnv.from_env())
+    gpu = device.type == "cuda"
+    img = args.img_size or (224 if gpu else 112)
+    batch = args.batch or (128 if gpu else 16)
+    cfg = Config()
+    cfg.model.variant, cfg.model.img_size, cfg.model.num_classes = args.variant, img, args.num_classes
+    cfg.data.global_batch_size = cfg.data.micro_batch_size = batch
+    cfg.deepspeed.zero_stage, cfg.deepspeed.precision = 2, "bf16" if gpu else "fp32"
+    cfg.schedule.total_steps, cfg.schedule.warmup_steps = 10_000, 10
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, img, img, device=device)
+    y = torch.randint(0, args.num_classes, (batch,), device=device)
+    ours = build_vit(args.variant, img_size=img, num_classes=args.num_classes).to(device)
+    timm_model = timm_vit.VisionTransformer(**ours.config.timm_kwargs()).to(device)
+    engine_model = build_vit(args.variant, img_size=img, num_classes=args.num_classes)
+    params = sum(p.numel() for p in ours.parameters())
+    assert params == sum(p.numel() for p in timm_model.parameters()), "timm twin has another size"
+
+    steps = {"ours_plain": plain_step(ours, x, y, gpu), "timm_plain": plain_step(timm_model, x, y, gpu),
+             "ours_engine": engine_step(engine_model, cfg, x, y)}
+    best: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            seconds = timed_steps(step, args.steps, args.warmup, device)
+            best[name] = max(best.get(name, 0.0), batch * args.steps / seconds)
+            print(f"{name:12s} {best[name]:9.1f} images/s (best so far)", flush=True)
+
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if gpu else f"cpu x{torch.get_num_threads()} threads",
+        "variant": args.variant, "img_size": img, "batch": batch, "params": params,
+        "precision": cfg.deepspeed.precision, "zero_stage": cfg.deepspeed.zero_stage,
+        **{f"{k}_images_per_s": round(v, 2) for k, v in best.items()},
+        "ours_vs_timm": round(best["ours_plain"] / best["timm_plain"], 3),
+        "engine_overhead": round(best["ours_plain"] / best["ours_engine"], 3),
+    }
+    peak = device_peak_tflops(device)
+    if peak:
+        train_flops = 3 * flops_per_image(ours)
+        for key in ("ours_plain", "timm_plain", "ours_engine"):
+            result[f"{key}_mfu"] = round(best[key] * train_flops / (peak * 1e12), 4)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    main()

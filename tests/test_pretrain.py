@@ -1,0 +1,261 @@
+"""Unit tests of the pretraining pieces: optimizer/schedule, losses, DeepSpeed config, checkpoint layout,
+signals, metrics, recipes, and the CLI's config errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.checkpoint import CheckpointDir, check_shapes, rng_state, save_collective, set_rng_state, step_tag
+from pretrain.config import Config, ConfigError, OptimConfig, ScheduleConfig, load_config
+from pretrain.engine import deepspeed_config, grad_accum_steps
+from pretrain.loss import build_loss, sigmoid_xent, softmax_xent
+from pretrain.metrics import MetricsWriter, Throughput, console_line
+from pretrain.model import build_vit
+from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.signals import PreemptionFlag
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_vit():
+    return build_vit("custom", img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=5,
+                     pre_logits=8)
+
+
+# ------------------------------------------------------------ optimizer
+
+
+def test_no_weight_decay_on_norms_biases_cls_and_pos_embed() -> None:
+    model = tiny_vit()
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {"cls_token", "pos_embed", "norm.weight", "head.bias", "blocks.0.attn.qkv.bias"} <= plain
+    assert decayed == {n for n, p in model.named_parameters() if p.ndim > 1 and n not in ("cls_token", "pos_embed")}
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.999)
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_schedule_matches_closed_form(decay: str) -> None:
+    peak, min_lr, warmup, total = 1e-3, 1e-5, 10, 50
+    opt = build_optimizer(tiny_vit(), OptimConfig(lr=peak))
+    sched = build_scheduler(opt, ScheduleConfig(total_steps=total, warmup_steps=warmup, decay=decay, min_lr=min_lr))
+    for step in range(total + 1):
+        if step < warmup:
+            want = peak * (1 + step * (warmup - 1) / warmup) / warmup
+        else:
+            t = (step - warmup) / (total - warmup)
+            shape = (1 + math.cos(math.pi * t)) / 2 if decay == "cosine" else 1 - t
+            want = min_lr + (peak - min_lr) * shape
+        assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-6, abs=1e-12), step
+        opt.step()
+        sched.step()
+
+
+# ----------------------------------------------------------------- losses
+
+
+def test_softmax_xent_with_smoothing_matches_manual() -> None:
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 7), torch.randint(0, 7, (6,))
+    smooth = 0.1
+    target = F.one_hot(labels, 7).float() * (1 - smooth) + smooth / 7
+    want = -(target * logits.log_softmax(-1)).sum(-1).mean()
+    assert torch.allclose(softmax_xent(logits, labels, smooth), want, atol=1e-6)
+    assert torch.allclose(build_loss(OptimConfig(loss="softmax", label_smoothing=smooth))(logits, labels), want,
+                          atol=1e-6)
+
+
+def test_sigmoid_xent_is_big_vision_sum_over_classes() -> None:
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 7).bfloat16(), torch.randint(0, 7, (6,))
+    y = F.one_hot(labels, 7).float()
+    x = logits.float()
+    want = -(y * F.logsigmoid(x) + (1 - y) * F.logsigmoid(-x)).sum(-1).mean()
+    assert torch.allclose(sigmoid_xent(logits, labels), want, atol=1e-5)
+    assert torch.allclose(sigmoid_xent(logits, y), want, atol=1e-5)
+    assert sigmoid_xent(logits, labels).dtype == torch.float32
+
+
+def test_bad_loss_settings() -> None:
+    with pytest.raises(ValueError, match="label_smoothing"):
+        build_loss(OptimConfig(label_smoothing=1.5))
+
+
+# --------------------------------------------------------- DeepSpeed config
+
+
+def test_deepspeed_config_is_derived() -> None:
+    cfg = Config()
+    cfg.data.global_batch_size, cfg.data.micro_batch_size = 4096, 64
+    cfg.deepspeed.zero_stage, cfg.deepspeed.precision = 3, "bf16"
+    cfg.deepspeed.extra = {"zero_optimization": {"reduce_bucket_size": 123}, "flops_profiler": {"enabled": True}}
+    ds = deepspeed_config(cfg, world_size=16)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == \
+        (4096, 64, 4)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["reduce_bucket_size"] == 123
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["gradient_clipping"] == 1.0
+    assert ds["flops_profiler"] == {"enabled": True} and ds["checkpoint"] == {"load_universal": False}
+    with pytest.raises(ConfigError, match="not divisible"):
+        grad_accum_steps(cfg, world_size=48)
+
+
+def test_recipes_load_and_derive_for_their_cluster_sizes() -> None:
+    recipes = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
+    assert {p.stem for p in recipes} >= {"demo", "vit_b16_i21k", "vit_l16_i21k", "vit_h14_i21k_zero3"}
+    for path, world in [(p, 2 if p.stem == "demo" else 32) for p in recipes]:
+        cfg = load_config(path)
+        cfg.validate(world, check_paths=False)
+        ds = deepspeed_config(cfg, world)
+        assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * world * \
+            ds["gradient_accumulation_steps"]
+    h14 = load_config(REPO / "configs/pretrain/vit_h14_i21k_zero3.yaml")
+    assert h14.deepspeed.zero_stage == 3 and h14.model.grad_checkpointing
+    b16 = load_config(REPO / "configs/pretrain/vit_b16_i21k.yaml")
+    assert (b16.data.global_batch_size, b16.optim.lr, b16.optim.weight_decay, b16.schedule.warmup_steps,
+            b16.model.head_bias, b16.deepspeed.precision) == (4096, 1e-3, 0.1, 10000, -10.0, "bf16")
+
+
+# ------------------------------------------------------------- checkpoints
+
+
+def _fake_checkpoint(ckdir: CheckpointDir, step: int, complete: bool = True) -> Path:
+    path = ckdir.begin(step)
+    (path / "weights.pt").write_text("w")
+    if complete:
+        ckdir.commit(step, {"world_size": 1})
+    return path
+
+
+def test_find_latest_never_picks_an_incomplete_checkpoint(tmp_path: Path) -> None:
+    ckdir = CheckpointDir(tmp_path / "checkpoints")
+    assert ckdir.find() is None
+    _fake_checkpoint(ckdir, 10)
+    _fake_checkpoint(ckdir, 20)
+    _fake_checkpoint(ckdir, 30, complete=False)  # killed mid-write
+    assert ckdir.find().step == 20 and (ckdir.root / "latest").read_text() == step_tag(20)
+    (ckdir.root / "latest").write_text(step_tag(30))  # even a pointer to it is not trusted
+    assert ckdir.find().step == 20
+    (ckdir.root / "latest").unlink()
+    assert ckdir.find().step == 20 and ckdir.find(10).step == 10 and ckdir.find(30) is None
+    # Saving step 30 again starts from an empty directory.
+    stale = ckdir.path(30) / "weights.pt"
+    ckdir.begin(30)
+    assert not stale.exists()
+
+
+def test_keep_last_purges_old_checkpoints(tmp_path: Path) -> None:
+    ckdir = CheckpointDir(tmp_path)
+    for step in (1, 2, 3, 4):
+        _fake_checkpoint(ckdir, step)
+    removed = ckdir.purge(keep_last=2)
+    assert [p.name for p in removed] == [step_tag(1), step_tag(2)]
+    assert [c.step for c in ckdir.complete()] == [3, 4]
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A full disk (simulated ``OSError`` from the writer) leaves ``latest`` and the previous checkpoint."""
+    ckdir = CheckpointDir(tmp_path)
+    assert save_collective(ckdir, 1, lambda p: (p / "w").write_text("1"), {}, keep_last=3) is not None
+
+    def full_disk(path: Path) -> None:
+        (path / "w").write_text("partial")
+        raise OSError(28, "No space left on device")
+
+    assert save_collective(ckdir, 2, full_disk, {}, keep_last=3) is None
+    assert ckdir.find().step == 1 and (ckdir.path(1) / "w").read_text() == "1"
+    assert not ckdir.path(2).exists()
+    assert "NOT saved" in caplog.text and "step_00000001 is intact" in caplog.text
+
+
+def test_shape_mismatch_names_parameters(tmp_path: Path) -> None:
+    saved = {"pos_embed": [1, 65, 96], "head.weight": [10, 96], "blocks.4.norm1.weight": [96]}
+    current = {"pos_embed": [1, 145, 96], "head.weight": [10, 96]}
+    with pytest.raises(ValueError) as err:
+        check_shapes(saved, current, tmp_path)
+    assert "pos_embed: checkpoint [1, 65, 96] vs model [1, 145, 96]" in str(err.value)
+    assert "blocks.4.norm1.weight: only in the checkpoint" in str(err.value)
+    assert "head.weight" not in str(err.value)
+
+
+def test_rng_state_round_trip() -> None:
+    """Python, NumPy and torch generators continue where the saved state left them (MixUp, drop-path)."""
+    import random
+
+    import numpy as np
+
+    state = rng_state()
+    first = (random.random(), float(np.random.rand()), torch.rand(3))
+    set_rng_state(state)
+    again = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+
+
+# ------------------------------------------------------ signals and metrics
+
+
+def test_preemption_flag_records_sigusr1_and_restores() -> None:
+    before = signal.getsignal(signal.SIGUSR1)
+    with PreemptionFlag() as flag:
+        assert not flag.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert flag.requested and flag.describe() == "SIGUSR1"
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_throughput_and_mfu() -> None:
+    meter = Throughput(flops_per_image=1e9, world_size=4, peak_tflops=100.0)
+    meter.add(images=400, step_time=1.0, data_time=0.25)
+    meter.add(images=400, step_time=1.0, data_time=0.0)
+    out = meter.report()
+    assert out["perf/images_per_s"] == 400 and out["perf/images_per_s_per_device"] == 100
+    assert out["perf/data_wait_frac"] == 0.125
+    assert out["perf/mfu"] == pytest.approx(100 * 3e9 / 100e12)
+    assert meter.report() == {}
+    assert "mfu" not in Throughput(1e9, 1, None).report()
+
+
+def test_metrics_writer_tensorboard_and_jsonl(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = MetricsWriter(tmp_path, enabled=True)
+    writer.write(1, {"train/loss": 2.5, "train/lr": 1e-3})
+    writer.write(2, {"train/loss": 2.0, "eval/top1": 0.5})
+    writer.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("train/loss")] == [2.5, 2.0]
+    assert {"train/lr", "eval/top1"} <= set(events.Tags()["scalars"])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1] == {"step": 2, "train/loss": 2.0, "eval/top1": 0.5}
+    MetricsWriter(tmp_path / "other", enabled=False).write(1, {"x": 1.0})
+    assert not (tmp_path / "other").exists()
+    line = console_line(5, 10, {"train/loss": 1.23456, "perf/images_per_s": 812.4, "perf/mfu": 0.41})
+    assert line == "step 5/10 loss 1.2346 img/s 812 mfu 41.0%"
+
+
+# ------------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.train_shards=/nonexistent/shards", "/nonexistent/shards does not exist"),
+    ("schedule.min_lr=1.0", "schedule.min_lr=1.0 must lie in"),
+])
+def test_config_errors_exit_2_before_any_process_group(override: str, message: str) -> None:
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    result = subprocess.run([sys.executable, "-m", "pretrain", "--config", "configs/pretrain/demo.yaml",
+                             "data.train_shards=.", "data.eval_shards=", override], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr

@@ -1,0 +1,111 @@
+"""The train loop in this process (1 rank, gloo): non-finite losses and a full disk during a save."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+
+import pretrain.train as train_module
+from pretrain.checkpoint import CheckpointDir
+from pretrain.config import load_config
+from pretrain.distributed import DistEnv, init_distributed, shutdown_distributed
+from pretrain.export import consolidated_state_dict
+from pretrain.loss import build_loss
+from pretrain.train import EXIT_NONFINITE, train
+
+REPO = Path(__file__).resolve().parents[1]
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module")
+def process_group() -> Iterator[tuple[DistEnv, torch.device]]:
+    """One gloo group for the module: DeepSpeed caches its groups, so it must outlive every engine here."""
+    saved = {k: os.environ.get(k) for k in ENV_KEYS}
+    env = DistEnv.from_env({})
+    device = init_distributed(env)
+    try:
+        yield env, device
+    finally:
+        shutdown_distributed()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def tiny_config(run_dir: Path, shards: Path, *overrides: str):
+    return load_config(REPO / "configs/pretrain/demo.yaml", [
+        f"run.dir={run_dir}", f"data.train_shards={shards}", "data.eval_shards=", "data.num_workers=0",
+        "data.global_batch_size=16", "data.micro_batch_size=16", "model.depth=1", "schedule.warmup_steps=1",
+        "logging.every_steps=1", *overrides])
+
+
+def weights(ckdir: CheckpointDir, step: int, stage: int) -> dict[str, torch.Tensor]:
+    return consolidated_state_dict(ckdir.path(step), stage)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_nonfinite_losses_skip_updates_then_stop(stage: int, process_group, demo_shards: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps 5 and 6 have a NaN loss: both updates are skipped, and 2 in a row stop the run with the
+    last good weights (those of step 4) saved."""
+    calls = {"n": 0}
+
+    def nan_from_step_5(cfg):
+        loss = build_loss(cfg)
+
+        def fn(logits, target):
+            calls["n"] += 1
+            value = loss(logits, target)
+            return value * float("nan") if calls["n"] >= 5 else value
+        return fn
+
+    monkeypatch.setattr(train_module, "build_loss", nan_from_step_5)
+    cfg = tiny_config(tmp_path / "run", demo_shards, f"deepspeed.zero_stage={stage}", "schedule.total_steps=10",
+                      "checkpoint.every_steps=2", "checkpoint.keep_last=5", "optim.max_nonfinite_steps=2")
+    env, device = process_group
+    assert train(cfg, env, device) == EXIT_NONFINITE
+    ckdir = CheckpointDir(tmp_path / "run" / "checkpoints")
+    assert ckdir.find().step == 6
+    last_good, saved, earlier = weights(ckdir, 4, stage), weights(ckdir, 6, stage), weights(ckdir, 2, stage)
+    assert all(torch.equal(last_good[k], saved[k]) for k in saved)
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    assert any(not torch.equal(earlier[k], last_good[k]) for k in saved)  # steps 3-4 did update
+
+
+def test_full_disk_at_the_final_save_keeps_the_previous_checkpoint(process_group, demo_shards: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """``torch.save`` (DeepSpeed's writer) raises ENOSPC for step 4: exit 1, step 2 stays latest and intact."""
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "step_00000004" in str(f):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    cfg = tiny_config(tmp_path / "run", demo_shards, "schedule.total_steps=4", "checkpoint.every_steps=2")
+    env, device = process_group
+    assert train(cfg, env, device) == 1
+    ckdir = CheckpointDir(tmp_path / "run" / "checkpoints")
+    assert ckdir.find().step == 2 and not ckdir.path(4).exists()
+    assert all(torch.isfinite(v).all() for v in weights(ckdir, 2, 2).values())
+    assert "step_00000002 is intact" in caplog.text
+
+
+def test_checkpoint_of_another_model_shape_names_the_parameters(process_group, demo_shards: Path,
+                                                                tmp_path: Path) -> None:
+    env, device = process_group
+    assert train(tiny_config(tmp_path / "run", demo_shards, "schedule.total_steps=1"), env, device) == 0
+    wider = tiny_config(tmp_path / "run", demo_shards, "schedule.total_steps=2", "model.depth=2",
+                        "model.mlp_dim=192")
+    with pytest.raises(ValueError, match="different model") as err:
+        train(wider, env, device)
+    assert "blocks.0.mlp.fc1.weight: checkpoint [384, 96] vs model [192, 96]" in str(err.value)
+    assert "blocks.1.attn.qkv.weight: only in the model" in str(err.value)

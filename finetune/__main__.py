@@ -2,52 +2,40 @@
 
 Runs on one process, or several under ``torchrun``, ``accelerate launch`` or
 SLURM ``srun``. Exit statuses (launchers rely on them): 0 finished, 75 preempted
-after a clean save (requeue), 2 config/usage error or pretrained weights that do
-not fit the model (found before any process group starts), 3 too many
-non-finite steps, anything else a real error.
+after a clean save, or stopped by a signal during start-up before the first step
+(requeue), 2 config/usage error or pretrained weights that do not fit the model
+(found before any process group starts), 3 too many non-finite steps, anything
+else a real error.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from typing import Optional
 
-from pretrain.config import ConfigError, load_config
-from pretrain.distributed import DistEnv
-from pretrain.signals import EXIT_CONFIG
-
-from .config import FinetuneConfig
-from .load import PretrainedLoadError
-from .train import check_config, train
-
-
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/finetune/demo.yaml")
-    parser.add_argument("overrides", nargs="*",
-                        help="init=PATH and section.key=value overrides (CLI > file > defaults)")
-    return parser.parse_args(argv)
+from pretrain.cli import load_checked, parse_stage_args, setup_logging
+from pretrain.signals import EXIT_CONFIG, PreemptionFlag
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        env = DistEnv.from_env()
-        cfg = load_config(args.config, args.overrides, cls=FinetuneConfig)
-        check_config(cfg, env.world_size)
-    except (ConfigError, ValueError) as exn:
-        print(f"config error: {exn}", file=sys.stderr)
-        return EXIT_CONFIG
-    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
-                        format=f"%(asctime)s [rank {env.rank}] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    try:
-        return train(cfg)
-    except PretrainedLoadError as exn:
-        print(f"error loading init={cfg.init}: {exn}", file=sys.stderr)
-        return EXIT_CONFIG
+    # The flag first: torch and Accelerate take seconds to import, and a signal then must not kill us.
+    with PreemptionFlag() as flag:
+        args = parse_stage_args("python -m finetune", __doc__, "configs/finetune/demo.yaml", argv,
+                                overrides_help="init=PATH and section.key=value overrides (CLI > file > defaults)")
+        from .config import FinetuneConfig
+        from .load import PretrainedLoadError
+        from .train import check_config, train
+
+        loaded = load_checked(args, FinetuneConfig, check_config)
+        if loaded is None:
+            return EXIT_CONFIG
+        env, cfg = loaded
+        setup_logging(env)
+        try:
+            return train(cfg, flag)
+        except PretrainedLoadError as exn:
+            print(f"error loading init={cfg.init}: {exn}", file=sys.stderr)
+            return EXIT_CONFIG
 
 
 if __name__ == "__main__":

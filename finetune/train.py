@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -32,22 +33,21 @@ from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, set_seed
 from PIL import Image
 
 from pretrain.checkpoint import CheckpointDir, atomic_write_text, check_shapes, param_shapes, save_collective
-from pretrain.config import ConfigError, config_to_dict, dump_config
+from pretrain.config import config_to_dict, dump_config
 from pretrain.data import StreamPosition, TrainStream, build_eval_stream, build_train_stream
 from pretrain.distributed import DistEnv
 from pretrain.engine import grad_accum_steps
+from pretrain.evaluate import EvalResult, evaluate_model
 from pretrain.flops import flops_per_image
 from pretrain.loss import LossFn, build_loss, target_kind
-from pretrain.metrics import (MetricsWriter, Stopwatch, Throughput, console_line, device_peak_tflops, memory_gb,
-                              quiet_library_warnings)
-from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.metrics import MetricsWriter, Stopwatch, Throughput, console_line, device_peak_tflops, memory_gb
+from pretrain.optim import build_optimizer, build_scheduler, check_training
 from pretrain.signals import EXIT_PREEMPTED, PreemptionFlag
-from pretrain.train import EXIT_NONFINITE
+from pretrain.train import EXIT_NONFINITE, stop_requested, stopped_during_start_up
 from pretrain.transforms import BatchPreprocessor
 
 from .attention import attention_panel, predict_with_rollout
 from .config import FinetuneConfig
-from .evaluate import EvalResult, evaluate_model
 from .export import EXPORT_DIR, TRAINER_STATE, write_export
 from .load import build_finetune_model, load_pretrained
 
@@ -88,15 +88,7 @@ class Parts:
 def check_config(cfg: FinetuneConfig, world_size: int) -> None:
     """Every check that needs no process group and no weights (``ConfigError``, exit status 2)."""
     cfg.validate(world_size)
-    try:
-        build_loss(cfg.optim)
-        build_scheduler(build_optimizer(torch.nn.Linear(1, 1), cfg.optim), cfg.schedule)
-    except ValueError as exn:
-        raise ConfigError(str(exn)) from None
-    if cfg.checkpoint.every_steps < 1 or cfg.eval.every_steps < 0 or cfg.logging.every_steps < 1:
-        raise ConfigError("checkpoint.every_steps and logging.every_steps must be >= 1, eval.every_steps >= 0")
-    if cfg.optim.max_nonfinite_steps < 1:
-        raise ConfigError(f"optim.max_nonfinite_steps must be >= 1, got {cfg.optim.max_nonfinite_steps}")
+    check_training(cfg)
 
 
 def join_job() -> DistEnv:
@@ -210,7 +202,7 @@ def run_eval(parts: Parts, cfg: FinetuneConfig, env: DistEnv, step: int, writer:
     stream = build_eval_stream(cfg.data, img_size=cfg.model.img_size, rank=env.rank, world_size=env.world_size)
     result = evaluate_model(parts.model, stream, parts.preprocess, cfg.model.num_classes, cfg.model.img_size,
                             acc.device, max_batches=cfg.eval.max_batches)
-    writer.write(step, {"eval/top1": result.top1, "eval/top5": result.top5, "eval/samples": float(result.total)})
+    writer.write(step, result.scalars())
     # ZeRO-3 partitions the weights: the plain module cannot run a forward on one rank.
     if acc.is_main_process and cfg.accelerate.zero_stage != 3:
         images, labels = next(iter(stream))
@@ -276,7 +268,6 @@ def record(run: Run, loss: torch.Tensor, norm: Optional[float], data_time: float
 def start(cfg: FinetuneConfig, flag: PreemptionFlag) -> Run:
     """Join the job, resume or initialise, and open the streams and metrics."""
     env = join_job()
-    quiet_library_warnings(env.rank)
     ckdir = CheckpointDir(cfg.run.path / "checkpoints")
     latest = ckdir.find() if cfg.checkpoint.resume else None
     parts = setup(cfg, env, latest.path if latest else None)
@@ -299,6 +290,8 @@ def start(cfg: FinetuneConfig, flag: PreemptionFlag) -> Run:
 
 def loop(run: Run) -> int:
     cfg, state, acc = run.cfg, run.state, run.parts.accelerator
+    if stopped_during_start_up(run.flag, acc.device, state.step):
+        return EXIT_PREEMPTED
     stopwatch, step_clock = Stopwatch(), Stopwatch()
     while state.step < cfg.schedule.total_steps:
         # --- one optimizer step
@@ -315,15 +308,15 @@ def loop(run: Run) -> int:
         if cfg.data.eval_shards and every and state.step % every == 0 and state.step < cfg.schedule.total_steps:
             run_eval(run.parts, cfg, run.env, state.step, run.writer)
         # --- checkpoint; preemption (all ranks agree on the flag, so all stop after the same step)
-        stop = bool(acc.reduce(torch.tensor(int(run.flag.requested), device=acc.device), "sum") > 0)
-        if stop or state.step % cfg.checkpoint.every_steps == 0:
+        stop = stop_requested(run.flag, acc.device)
+        if stop or (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0):
             saved = save(run.parts, cfg, state, run.ckdir)
             if stop:
                 log.warning("received %s: checkpoint at step %d %s", run.flag.describe(), state.step,
                             f"saved, exiting with {EXIT_PREEMPTED} for requeue" if saved else "could NOT be saved")
                 return EXIT_PREEMPTED if saved else 1
     # --- final checkpoint, evaluation and export
-    if state.step % cfg.checkpoint.every_steps:
+    if not cfg.checkpoint.every_steps or state.step % cfg.checkpoint.every_steps:
         save(run.parts, cfg, state, run.ckdir)
     if cfg.data.eval_shards:
         result = run_eval(run.parts, cfg, run.env, state.step, run.writer)
@@ -335,14 +328,16 @@ def loop(run: Run) -> int:
     return 0
 
 
-def train(cfg: FinetuneConfig) -> int:
+def train(cfg: FinetuneConfig, flag: Optional[PreemptionFlag] = None) -> int:
     """Finetune ``cfg`` to ``schedule.total_steps``; returns the process exit status.
 
-    0 when done, ``EXIT_PREEMPTED`` after SIGUSR1/SIGTERM and a clean save, ``EXIT_NONFINITE``
-    after too many non-finite steps in a row.
+    0 when done, ``EXIT_PREEMPTED`` after SIGUSR1/SIGTERM and a clean save (or, for a signal
+    before the first step, without one), ``EXIT_NONFINITE`` after too many non-finite steps
+    in a row. ``flag`` is best installed by the caller before the heavy imports (``python -m
+    finetune`` does); without one, a flag is installed for the duration of this call.
     """
-    with PreemptionFlag() as flag:
-        run = start(cfg, flag)
+    with nullcontext(flag) if flag is not None else PreemptionFlag() as active:
+        run = start(cfg, active)
         try:
             return loop(run)
         finally:

@@ -184,6 +184,7 @@ class CheckpointConfig:
     """When to save and how many to keep."""
 
     every_steps: int = 1000
+    """Save every this many optimizer steps; 0: only at the end (and on preemption or a non-finite stop)."""
     keep_last: int = 3
     resume: bool = True
     """Resume from the latest complete checkpoint in the run directory if one exists."""

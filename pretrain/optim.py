@@ -8,11 +8,15 @@ saves and loads with the optimizer's, and it is stepped once per optimizer step.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 from torch.optim import SGD, AdamW, Optimizer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
-from pretrain.config import OptimConfig, ScheduleConfig
+from pretrain.config import ConfigError, OptimConfig, ScheduleConfig
+from pretrain.loss import build_loss
 from pretrain.model import param_groups_weight_decay
 
 
@@ -54,3 +58,25 @@ def build_scheduler(optimizer: Optimizer, cfg: ScheduleConfig) -> LRScheduler:
         return decay
     warmup = LinearLR(optimizer, start_factor=1.0 / cfg.warmup_steps, end_factor=1.0, total_iters=cfg.warmup_steps)
     return SequentialLR(optimizer, [warmup, decay], milestones=[cfg.warmup_steps])
+
+
+def check_training(cfg: Any) -> None:
+    """The training-loop checks both stages share (``ConfigError``, exit status 2 before any process group).
+
+    ``cfg`` is a root config with ``optim``, ``schedule``, ``checkpoint``, ``eval`` and
+    ``logging`` sections. The loss and the schedule are built once on a 1-parameter probe,
+    so every value they reject is reported before a model exists. Both loops read
+    ``checkpoint.every_steps`` and ``eval.every_steps`` of 0 as "only at the end" (a
+    checkpoint is still written on preemption and on a non-finite stop).
+    """
+    try:
+        build_loss(cfg.optim)
+        build_scheduler(build_optimizer(torch.nn.Linear(1, 1), cfg.optim), cfg.schedule)
+    except ValueError as exn:
+        raise ConfigError(str(exn)) from None
+    if cfg.checkpoint.every_steps < 0 or cfg.eval.every_steps < 0 or cfg.logging.every_steps < 1:
+        raise ConfigError(f"checkpoint.every_steps ({cfg.checkpoint.every_steps}) and eval.every_steps "
+                          f"({cfg.eval.every_steps}) must be >= 0 (0: only at the end), logging.every_steps "
+                          f"({cfg.logging.every_steps}) >= 1")
+    if cfg.optim.max_nonfinite_steps < 1:
+        raise ConfigError(f"optim.max_nonfinite_steps must be >= 1, got {cfg.optim.max_nonfinite_steps}")

@@ -6,6 +6,10 @@ checkpoint. SLURM sends SIGUSR1 (``--signal``) before the time limit and SIGTERM
 on preemption; the loop polls ``requested`` once per optimizer step and ranks
 agree on it with one all-reduce, so every rank stops after the same step.
 
+Both ``main()``s install the flag before anything heavy is imported, so a signal
+during start-up is recorded too; the loop then exits 75 before its first step,
+without a checkpoint (the requeued run resumes from the previous one).
+
 Exit status 75 (``EX_TEMPFAIL`` in sysexits.h) tells launchers "saved cleanly,
 requeue me"; any other non-zero status is a real failure and is not requeued.
 """

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -24,16 +25,17 @@ import torch.distributed as dist
 
 from pretrain.checkpoint import (Checkpoint, CheckpointDir, convert_to_universal, load_deepspeed, param_shapes,
                                  save_deepspeed)
-from pretrain.config import Config, ConfigError, config_to_dict, dump_config
+from pretrain.config import Config, config_to_dict, dump_config
 from pretrain.data import StreamPosition, build_eval_stream, build_train_stream
 from pretrain.distributed import DistEnv
 from pretrain.engine import (build_engine, current_lr, deepspeed_config, grad_accum_steps, grad_norm,
                              optimizer_state_elements, skip_step_if)
+from pretrain.evaluate import evaluate_model
 from pretrain.flops import flops_per_image
 from pretrain.loss import build_loss, target_kind
 from pretrain.metrics import MetricsWriter, Throughput, console_line, device_peak_tflops, memory_gb
 from pretrain.model import build_vit
-from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.optim import check_training
 from pretrain.signals import EXIT_PREEMPTED, PreemptionFlag
 from pretrain.transforms import BatchPreprocessor
 
@@ -48,16 +50,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def check_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """Every check that can run without a process group; returns the DeepSpeed config dict."""
     cfg.validate(world_size)
-    try:
-        build_loss(cfg.optim)
-        probe = torch.nn.Linear(1, 1)
-        build_scheduler(build_optimizer(probe, cfg.optim), cfg.schedule)
-    except ValueError as exn:
-        raise ConfigError(str(exn)) from None
-    if cfg.checkpoint.every_steps < 0 or cfg.eval.every_steps < 0 or cfg.logging.every_steps < 1:
-        raise ConfigError("checkpoint.every_steps and eval.every_steps must be >= 0, logging.every_steps >= 1")
-    if cfg.optim.max_nonfinite_steps < 1:
-        raise ConfigError(f"optim.max_nonfinite_steps must be >= 1, got {cfg.optim.max_nonfinite_steps}")
+    check_training(cfg)
     return deepspeed_config(cfg, world_size)
 
 
@@ -206,43 +199,12 @@ def train_step(run: Run) -> StepResult:
 # ---------------------------------------------------------------------- eval
 
 
-@torch.no_grad()
 def evaluate(run: Run) -> dict[str, float]:
-    """Exact top-1 / top-5 over the eval set (counts summed over ranks).
-
-    Ranks may hold different numbers of batches; every iteration all ranks agree
-    whether anyone still has one, and ranks that ran out forward a dummy batch,
-    because a ZeRO-3 forward is a collective that every rank must join.
-    """
-    engine, cfg = run.engine, run.cfg
-    engine.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=run.device)
-    batches = iter(run.eval_stream)
-    dummy = torch.zeros(1, 3, cfg.model.img_size, cfg.model.img_size, dtype=torch.uint8)
-    index = 0
-    while not cfg.eval.max_batches or index < cfg.eval.max_batches:
-        batch = next(batches, None)
-        more = torch.tensor([float(batch is not None)], device=run.device)
-        if dist.is_initialized():
-            dist.all_reduce(more)
-        if not more.item():
-            break
-        images, labels = batch if batch is not None else (dummy, torch.zeros(1, dtype=torch.int64))
-        x, _ = run.preprocess(images, labels, run.device, run.dtype, train=False)
-        logits = engine(x).float()
-        if batch is not None:
-            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-            labels = labels.to(run.device)
-            counts += torch.stack([(top[:, 0] == labels).sum(), (top == labels[:, None]).any(-1).sum(),
-                                   torch.tensor(labels.numel(), device=run.device)]).double()
-        index += 1
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    engine.train()
-    correct1, correct5, total = counts.tolist()
-    if total == 0:
-        return {}
-    return {"eval/top1": correct1 / total, "eval/top5": correct5 / total, "eval/samples": total}
+    """Exact top-1 / top-5 over the eval set (counts summed over ranks); empty when it has no samples."""
+    cfg = run.cfg
+    result = evaluate_model(run.engine, run.eval_stream, run.preprocess, cfg.model.num_classes, cfg.model.img_size,
+                            run.device, max_batches=cfg.eval.max_batches, dtype=run.dtype)
+    return result.scalars() if result.total else {}
 
 
 # -------------------------------------------------------------- bookkeeping
@@ -301,10 +263,15 @@ def maybe_evaluate(run: Run, final: bool = False) -> None:
 # ---------------------------------------------------------------------- loop
 
 
-def train(cfg: Config, env: DistEnv, device: torch.device) -> int:
-    """Train to ``schedule.total_steps`` (or until a stop signal); returns the process exit status."""
-    with PreemptionFlag() as flag:
-        run = setup(cfg, env, device, flag)
+def train(cfg: Config, env: DistEnv, device: torch.device, flag: Optional[PreemptionFlag] = None) -> int:
+    """Train to ``schedule.total_steps`` (or until a stop signal); returns the process exit status.
+
+    ``flag`` is best installed by the caller as early as it can (``python -m pretrain`` does
+    so before importing torch), so that a signal during start-up is not fatal; without one,
+    a flag is installed for the duration of this call.
+    """
+    with nullcontext(flag) if flag is not None else PreemptionFlag() as active:
+        run = setup(cfg, env, device, active)
         try:
             return _loop(run)
         finally:
@@ -312,8 +279,32 @@ def train(cfg: Config, env: DistEnv, device: torch.device) -> int:
             run.stream.close()
 
 
+def stop_requested(flag: PreemptionFlag, device: torch.device) -> bool:
+    """Whether any rank got a stop signal: one all-reduce, so every rank must call it at the same point."""
+    requested = torch.tensor([float(flag.requested)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(requested)
+    return bool(requested.item())
+
+
+def stopped_during_start_up(flag: PreemptionFlag, device: torch.device, step: int) -> bool:
+    """Whether any rank got a stop signal before this process' first step (logged if so).
+
+    The caller then exits ``EXIT_PREEMPTED`` without a checkpoint: nothing new happened
+    since the one it resumed from (or it started from scratch), and the requeued run
+    starts from there again.
+    """
+    if not stop_requested(flag, device):
+        return False
+    log.warning("received %s during start-up: exiting with %d before step %d, without a checkpoint (the requeued "
+                "run resumes from the previous one)", flag.describe(), EXIT_PREEMPTED, step + 1)
+    return True
+
+
 def _loop(run: Run) -> int:
     cfg, state = run.cfg, run.state
+    if stopped_during_start_up(run.flag, run.device, state.step):
+        return EXIT_PREEMPTED
     while state.step < cfg.schedule.total_steps:
         result = train_step(run)
         record(run, result)

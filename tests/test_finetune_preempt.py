@@ -1,4 +1,6 @@
 """Preemption: SIGUSR1 mid-run -> the step finishes, a checkpoint is committed, exit 75; a rerun resumes.
+A signal before the first step exits 75 at once without a checkpoint; ``checkpoint.every_steps=0`` saves only
+at the end.
 
 Runs ``finetune.train.train`` in this process (one process, no data workers), so the
 signal reaches the loop's handler directly, as ``srun --signal`` delivers it to each task.
@@ -19,9 +21,10 @@ from safetensors.torch import save_file
 
 from finetune.config import FinetuneConfig
 from finetune.train import train
+from pretrain.checkpoint import CheckpointDir
 from pretrain.config import apply_overrides
 from pretrain.model import build_vit
-from pretrain.signals import EXIT_PREEMPTED
+from pretrain.signals import EXIT_PREEMPTED, PreemptionFlag
 
 pytestmark = pytest.mark.slow
 
@@ -55,14 +58,19 @@ def fresh_accelerate():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+def tiny_overrides(tmp_path: Path, shards: Path) -> list[str]:
+    """A 10000-step run of a tiny model, from a fresh tiny export, into ``tmp_path/run``."""
+    return [f"init={tiny_export(tmp_path / 'pre')}", f"run.dir={tmp_path / 'run'}", "model.variant=custom",
+            "model.img_size=48", "model.num_classes=10", *(f"model.{k}={v}" for k, v in SIZES.items()),
+            f"data.train_shards={shards}", "data.eval_shards=", "data.global_batch_size=16",
+            "data.micro_batch_size=8", "data.num_workers=0", "data.shuffle_buffer=50",
+            "schedule.total_steps=10000", "schedule.warmup_steps=0", "checkpoint.every_steps=1000",
+            "logging.every_steps=1", "logging.tensorboard=false"]
+
+
 def test_sigusr1_saves_exits_75_and_the_rerun_resumes(tmp_path, demo_shards, fresh_accelerate):
     run_dir = tmp_path / "run"
-    overrides = [f"init={tiny_export(tmp_path / 'pre')}", f"run.dir={run_dir}", "model.variant=custom",
-                 "model.img_size=48", "model.num_classes=10", *(f"model.{k}={v}" for k, v in SIZES.items()),
-                 f"data.train_shards={demo_shards}", "data.eval_shards=", "data.global_batch_size=16",
-                 "data.micro_batch_size=8", "data.num_workers=0", "data.shuffle_buffer=50",
-                 "schedule.total_steps=10000", "schedule.warmup_steps=0", "checkpoint.every_steps=1000",
-                 "logging.every_steps=1", "logging.tensorboard=false"]
+    overrides = tiny_overrides(tmp_path, demo_shards)
     cfg = apply_overrides(FinetuneConfig(), overrides)
     watcher = signal_after_first_logged_step(run_dir / "metrics.jsonl")
     assert train(cfg) == EXIT_PREEMPTED
@@ -80,3 +88,23 @@ def test_sigusr1_saves_exits_75_and_the_rerun_resumes(tmp_path, demo_shards, fre
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps[-2:] == [stopped_at + 1, stopped_at + 2]
     assert (run_dir / "export" / "model.safetensors").is_file()
+
+
+def test_signal_before_the_first_step_exits_75_without_a_checkpoint(tmp_path, demo_shards, fresh_accelerate):
+    """The flag is set before ``train`` starts (as when SIGUSR1 arrives while ``python -m finetune`` imports)."""
+    cfg = apply_overrides(FinetuneConfig(), tiny_overrides(tmp_path, demo_shards))
+    with PreemptionFlag() as flag:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert train(cfg, flag) == EXIT_PREEMPTED
+    assert CheckpointDir(tmp_path / "run" / "checkpoints").find() is None
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists() or not metrics.read_text().strip()
+
+
+def test_every_steps_0_checkpoints_only_at_the_end(tmp_path, demo_shards, fresh_accelerate):
+    cfg = apply_overrides(FinetuneConfig(), [*tiny_overrides(tmp_path, demo_shards), "schedule.total_steps=3",
+                                             "checkpoint.every_steps=0"])
+    assert train(cfg) == 0
+    ckdir = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckdir.glob("step_*")) == ["step_00000003"]
+    assert CheckpointDir(ckdir).find().step == 3

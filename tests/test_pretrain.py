@@ -259,3 +259,64 @@ def test_config_errors_exit_2_before_any_process_group(override: str, message: s
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("every,ok", [(0, True), (-1, False)])
+def test_checkpoint_every_steps_bound_is_the_same_in_both_stages(every: int, ok: bool, tmp_path: Path) -> None:
+    """0 means "only at the end" in both loops; a negative value is rejected by both ``check_config``s."""
+    from finetune.config import FinetuneConfig
+    from finetune.train import check_config as check_finetune
+    from pretrain.train import check_config as check_pretrain
+
+    common = [f"data.train_shards={tmp_path}", "data.eval_shards=", f"checkpoint.every_steps={every}"]
+    pretrain_cfg = load_config(REPO / "configs/pretrain/demo.yaml", common)
+    finetune_cfg = load_config(REPO / "configs/finetune/demo.yaml", [f"init={tmp_path}", *common],
+                               cls=FinetuneConfig)
+    for check, cfg in ((check_pretrain, pretrain_cfg), (check_finetune, finetune_cfg)):
+        if ok:
+            check(cfg, 1)
+        else:
+            with pytest.raises(ConfigError, match=r"checkpoint.every_steps \(-1\)"):
+                check(cfg, 1)
+
+
+def test_entry_points_import_nothing_heavy_before_the_flag() -> None:
+    """Both ``main()``s install the preemption flag before torch/DeepSpeed/Accelerate load (seconds)."""
+    code = ("import sys, pretrain.__main__, finetune.__main__; "
+            "print(sorted({'torch', 'deepspeed', 'accelerate'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+SIGNAL_AT_START_UP = """
+import os, signal, sys
+import pretrain.distributed
+
+real_init = pretrain.distributed.init_distributed
+
+def init_after_a_signal(env):
+    os.kill(os.getpid(), signal.SIGUSR1)
+    return real_init(env)
+
+pretrain.distributed.init_distributed = init_after_a_signal
+from pretrain.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_signal_during_start_up_exits_75_without_a_checkpoint(demo_shards: Path, tmp_path: Path) -> None:
+    """SIGUSR1 arrives before the process group exists: no death by signal (status 138), but exit 75
+    before any step and no checkpoint, so the requeued run resumes from the previous one."""
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "SLURM_", "LOCAL_RANK"))}
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNAL_AT_START_UP, "--config", "configs/pretrain/demo.yaml", f"run.dir={run_dir}",
+         f"data.train_shards={demo_shards}", "data.eval_shards=", "data.num_workers=0", "model.depth=1",
+         "data.global_batch_size=16", "data.micro_batch_size=16", "schedule.warmup_steps=1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 75, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "received SIGUSR1 during start-up" in result.stdout
+    assert CheckpointDir(run_dir / "checkpoints").find() is None
+    metrics = run_dir / "metrics.jsonl"
+    assert not metrics.exists() or "train/loss" not in metrics.read_text()

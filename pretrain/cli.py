@@ -1,0 +1,59 @@
+"""What ``python -m pretrain`` and ``python -m finetune`` share: arguments, checked config, logging.
+
+Why nothing heavy is imported here at module level: both ``main()``s install the
+preemption flag first and only then import torch, DeepSpeed or Accelerate, so a
+SIGUSR1/SIGTERM during those seconds of start-up ends in a clean exit 75, not in
+death by signal. ``DistEnv`` (which imports torch) is therefore imported where used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+
+from pretrain.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from pretrain.distributed import DistEnv
+
+C = TypeVar("C")
+
+
+def parse_stage_args(prog: str, doc: Optional[str], example: str, argv: Optional[list[str]],
+                     overrides_help: str = "section.key=value overrides (CLI > file > defaults)"
+                     ) -> argparse.Namespace:
+    """``--config RECIPE`` plus positional overrides; ``doc`` (the module docstring) is the help text."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help=f"YAML recipe, e.g. {example}")
+    parser.add_argument("overrides", nargs="*", help=overrides_help)
+    return parser.parse_args(argv)
+
+
+def load_checked(args: argparse.Namespace, cls: type[C], check_config: Callable[[C, int], Any]
+                 ) -> Optional[tuple[DistEnv, C]]:
+    """Read the distributed env, load the config and run ``check_config(cfg, world_size)``.
+
+    Returns None after printing ``config error: ...`` to stderr when any of them rejects
+    its input; the caller then exits with ``EXIT_CONFIG`` before any process group starts.
+    """
+    from pretrain.distributed import DistEnv
+
+    try:
+        env = DistEnv.from_env()
+        cfg = load_config(args.config, args.overrides, cls=cls)
+        check_config(cfg, env.world_size)
+    except (ConfigError, ValueError) as exn:
+        print(f"config error: {exn}", file=sys.stderr)
+        return None
+    return env, cfg
+
+
+def setup_logging(env: DistEnv) -> None:
+    """INFO on rank 0 and WARNING elsewhere, each line tagged with its rank; libraries quietened."""
+    from pretrain.metrics import quiet_library_warnings
+
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format=f"%(asctime)s [rank {env.rank}] %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    quiet_library_warnings(env.rank)

@@ -27,7 +27,7 @@ set -uo pipefail
 # sbatch runs a copy of this script from its spool directory: find the checkout through the
 # path the job was submitted with (scontrol's Command=), or this file outside SLURM.
 if [ -n "${SLURM_JOB_ID:-}" ]; then
-  here=$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")
+  here=$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1)")
 else
   here=$(dirname "${BASH_SOURCE[0]}")
 fi

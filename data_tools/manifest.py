@@ -51,11 +51,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     the same file at once (the parts of a conversion all write the same plan): each
     rename is atomic and the last one wins. (Not ``tempfile.mkstemp``: its files are
     private to the owner, and a shared dataset must keep the umask's permissions.)
+    The data is fsynced before the rename, so a crash right after it (checkpoint markers
+    and ``latest`` pointers use this too) cannot leave an empty file in place of the old one.
     """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
         with open(tmp, "x") as handle:
             handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

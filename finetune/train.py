@@ -32,7 +32,8 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, set_seed
 from PIL import Image
 
-from pretrain.checkpoint import CheckpointDir, atomic_write_text, check_shapes, param_shapes, save_collective
+from data_tools.manifest import write_text_atomic
+from pretrain.checkpoint import CheckpointDir, check_shapes, param_shapes, save_collective
 from pretrain.config import config_to_dict, dump_config
 from pretrain.data import StreamPosition, TrainStream, build_eval_stream, build_train_stream
 from pretrain.distributed import DistEnv
@@ -189,7 +190,7 @@ def save(parts: Parts, cfg: FinetuneConfig, state: TrainerState, ckdir: Checkpoi
         acc.save_state(str(path))
         if acc.is_main_process:
             payload = {"state": asdict(state), "config": config_to_dict(cfg)}
-            atomic_write_text(path / TRAINER_STATE, json.dumps(payload, indent=1))
+            write_text_atomic(path / TRAINER_STATE, json.dumps(payload, indent=1))
 
     model = acc.unwrap_model(parts.model)
     meta = {"world_size": acc.num_processes, "model": model.config.to_dict(), "param_shapes": param_shapes(model)}

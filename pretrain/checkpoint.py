@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -41,6 +39,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from data_tools.manifest import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +52,6 @@ _TAG = re.compile(r"^step_(\d{8})$")
 
 def step_tag(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` so that readers see the old content or the new one, never a torn file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)
@@ -138,8 +123,8 @@ class CheckpointDir:
         """Mark ``step_N/`` complete, then point ``latest`` at it."""
         path = self.path(step)
         meta = {"step": step, **meta}
-        atomic_write_text(path / MARKER, json.dumps(meta, indent=1))
-        atomic_write_text(self.root / LATEST, path.name)
+        write_text_atomic(path / MARKER, json.dumps(meta, indent=1))
+        write_text_atomic(self.root / LATEST, path.name)
         return Checkpoint(step, path, meta)
 
     def abort(self, step: int) -> None:
@@ -290,7 +275,7 @@ def convert_to_universal(checkpoint: Checkpoint) -> Path:
         if result.returncode != 0:
             raise RuntimeError(f"converting {checkpoint.path} to a universal checkpoint failed "
                                f"(exit {result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-        atomic_write_text(done, json.dumps({"source": checkpoint.tag}))
+        write_text_atomic(done, json.dumps({"source": checkpoint.tag}))
     _barrier()
     return out
 

@@ -32,7 +32,7 @@ demo: $(STAMP) clean-demo
 	$(RUN_LOCAL) configs/pretrain/demo.yaml 2 run.dir=$(DEMO_PRE)
 	@echo "== [3/5] export consolidated fp32 weights (timm key names)"
 	$(PY) -m pretrain.export $(DEMO_PRE) $(DEMO_PRE)/export
-	@echo "== [4/5] finetune at 48 px: new zero-init head, pos-embed 8x8 -> 12x12, 2 processes"
+	@echo "== [4/5] finetune at 48 px: new zero-init head, pos-embed 4x4 -> 6x6, 2 processes"
 	STAGE=finetune $(RUN_LOCAL) configs/finetune/demo.yaml 2 run.dir=$(DEMO_FT) init=$(DEMO_PRE)/export/model.safetensors
 	@echo "== [5/5] evaluate on the validation split"
 	$(PY) -m finetune.evaluate $(DEMO_FT)

@@ -20,7 +20,24 @@ the wall-clock figures swing with other jobs, the per-CPU ones much less.
 
     python benchmarks/convert_throughput.py [--images 2000]
 
-The last line of output is one JSON object with every figure and ratio.
+The last line of output is one JSON object with every figure and ratio. The default
+mode also times ``verify`` of the copy-mode shards with 1 and 2 workers, ``--repeats``
+times each (wall time; spread reported, since other jobs move it).
+
+Scale mode (``--scale``): tiny JPEGs (a few hundred bytes; names like ImageNet-21k's)
+in class tars of ``--per-tar`` files, at 30k and 120k files:
+
+- listing + planning: wall and CPU seconds, and peak RSS of a fresh process that lists
+  the source and writes the plan; the growth between the two sizes, per file, is the
+  planner's memory per source file (the imports' fixed cost cancels out).
+- part vs whole: CPU seconds (user + sys, every process) of one whole conversion with
+  2 workers vs ``--parts`` concurrent ``--part`` runs with 2 workers each plus the
+  ``--merge``, all as CLI processes on the 30k source; and the CPU of one listing, i.e.
+  what each part would add if it listed the source itself.
+- opens per tar: class-tar opens / tars read, per part (the converter's own count;
+  the tests count them independently by wrapping ``open``).
+
+    python benchmarks/convert_throughput.py --scale [--parts 4] [--per-tar 300]
 """
 
 from __future__ import annotations
@@ -30,21 +47,25 @@ import io
 import json
 import os
 import resource
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_throughput import make_images  # noqa: E402  (sibling benchmark script)
-
-from data_tools.convert import convert  # noqa: E402
+from data_tools.convert import convert
+from data_tools.verify import verify
 
 RESIZE_MAX = 320
 QUALITY = 90
 SAMPLES_PER_SHARD = 250
+SCALE_SIZES = (30_000, 120_000)
+SCALE_PER_SHARD = 1000
 
 
 def cpu_seconds() -> float:
@@ -63,20 +84,143 @@ def bare_loop(paths: list[Path]) -> tuple[float, float]:
     return len(paths) / (time.perf_counter() - wall), len(paths) / (cpu_seconds() - cpu)
 
 
-def converter(source: Path, work: Path, workers: int, resize: bool) -> tuple[float, float, int]:
-    """Images per wall second, per CPU second, and shard bytes of one conversion into a fresh folder."""
+def converter(source: Path, work: Path, workers: int, resize: bool) -> tuple[float, float, int, Path]:
+    """Images per wall second, per CPU second, shard bytes and folder of one conversion into a fresh folder."""
     out = Path(tempfile.mkdtemp(dir=work))
     options = {"resize_max": RESIZE_MAX, "quality": QUALITY} if resize else {}
     wall, cpu = time.perf_counter(), cpu_seconds()
     summary = convert(source, out, samples_per_shard=SAMPLES_PER_SHARD, workers=workers, progress=False, **options)
     images = summary["num_samples"]
-    return images / (time.perf_counter() - wall), images / (cpu_seconds() - cpu), summary["bytes"]
+    return images / (time.perf_counter() - wall), images / (cpu_seconds() - cpu), summary["bytes"], out
+
+
+def timed_verify(out: Path, workers: int) -> float:
+    started = time.perf_counter()
+    problems = verify(out, workers=workers)
+    assert problems == [], problems[:3]
+    return time.perf_counter() - started
+
+
+def verify_figures(out: Path, repeats: int) -> dict:
+    """Wall seconds of ``verify`` with 1 and 2 workers, alternated ``repeats`` times; median ratio and spread."""
+    times = {1: [], 2: []}
+    for _ in range(repeats):
+        for workers in (1, 2):
+            times[workers].append(timed_verify(out, workers))
+    ratios = sorted(two / one for one, two in zip(times[1], times[2]))
+    return {"verify_w1_s": [round(t, 2) for t in times[1]], "verify_w2_s": [round(t, 2) for t in times[2]],
+            "verify_w2_vs_w1_median": round(ratios[len(ratios) // 2], 3),
+            "verify_w2_vs_w1_min": round(ratios[0], 3), "verify_w2_vs_w1_max": round(ratios[-1], 3)}
+
+
+def make_class_tars(root: Path, files: int, per_tar: int) -> None:
+    """``files`` tiny distinct-named JPEGs in ``root/n%08d.tar`` class tars of ``per_tar`` members."""
+    rng = np.random.default_rng(0)
+    variants = []
+    for seed in range(64):
+        buf = io.BytesIO()
+        pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels).resize((16, 12), Image.Resampling.BILINEAR).save(buf, format="JPEG", quality=80)
+        variants.append(buf.getvalue())
+    root.mkdir(parents=True)
+    for start in range(0, files, per_tar):
+        wnid = f"n{start // per_tar:08d}"
+        with tarfile.open(root / f"{wnid}.tar", "w") as archive:
+            for index in range(start, min(start + per_tar, files)):
+                data = variants[index % len(variants)]
+                info = tarfile.TarInfo(f"{wnid}_{index}.JPEG")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+
+
+def probe_plan(source: str, work: str) -> None:
+    """(Child process) list ``source``, write its plan into ``work``, print CPU, wall and peak RSS as JSON."""
+    from data_tools.plan import make_plan
+    from data_tools.planfile import write_plan
+    from data_tools.sources import list_source, sorted_class_names
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    listing = list_source(Path(source), "classtars")
+    listed_cpu = cpu_seconds() - cpu
+    plan = make_plan("train", listing, sorted_class_names(listing.class_names), seed=0, samples_per_shard=SCALE_PER_SHARD, shard_size=None,
+                     options={})
+    Path(work).mkdir(parents=True)
+    write_plan(Path(work), plan, {"settings": {}, "containers": listing.containers, "root": source}, [])
+    print(json.dumps({"files": len(listing.files), "wall_s": time.perf_counter() - wall, "cpu_s": cpu_seconds() - cpu,
+                      "listing_cpu_s": listed_cpu, "rss_before_kb": before,
+                      "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "plan_bytes": sum(p.stat().st_size for p in Path(work).iterdir())}))
+
+
+def child_cpu(command: list[list[str]]) -> tuple[float, list[str]]:
+    """Run the commands concurrently (niced like this process); CPU seconds of all of them and their outputs."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in command]
+    outputs = [p.communicate()[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, outputs
+
+
+def scale(parts: int, per_tar: int) -> dict:
+    figures = {"parts": parts, "per_tar": per_tar, "cpu_cores": os.cpu_count(),
+               "load_avg_1m": round(os.getloadavg()[0], 2)}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for files in SCALE_SIZES:
+            make_class_tars(work / f"src{files}", files, per_tar)
+            probe = subprocess.run([sys.executable, __file__, "--probe-plan", str(work / f"src{files}"),
+                                    str(work / f"plan{files}")], capture_output=True, text=True, check=True)
+            got = json.loads(probe.stdout.splitlines()[-1])
+            figures[f"plan_{files}"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in got.items()}
+            print(f"{files} files: listing + planning {got['wall_s']:.1f} s wall, {got['cpu_s']:.1f} s CPU "
+                  f"(listing {got['listing_cpu_s']:.1f} s), peak RSS {got['peak_rss_kb'] / 1024:.0f} MiB, "
+                  f"plan {got['plan_bytes'] / 1e6:.1f} MB on disk")
+        low, high = (figures[f"plan_{n}"] for n in SCALE_SIZES)
+        figures["plan_rss_bytes_per_file"] = round((high["peak_rss_kb"] - low["peak_rss_kb"]) * 1024
+                                                   / (SCALE_SIZES[1] - SCALE_SIZES[0]), 1)
+        figures["plan_disk_bytes_per_file"] = round(high["plan_bytes"] / SCALE_SIZES[1], 1)
+        print(f"planning memory: {figures['plan_rss_bytes_per_file']} bytes per source file "
+              f"(peak RSS growth {SCALE_SIZES[0]} -> {SCALE_SIZES[1]} files)")
+
+        source = work / f"src{SCALE_SIZES[0]}"
+        cli = [sys.executable, "-m", "data_tools", "convert", str(source)]
+        opts = ["--samples-per-shard", str(SCALE_PER_SHARD), "--workers", "2", "--no-progress"]
+        whole, _ = child_cpu([cli + [str(work / "whole")] + opts])
+        parted, outputs = child_cpu([cli + [str(work / "parts")] + opts + ["--part", f"{i}/{parts}"]
+                                     for i in range(parts)])
+        merge, _ = child_cpu([cli + [str(work / "parts")] + opts + ["--merge"]])
+        same = all((work / "whole" / p.name).read_bytes() == p.read_bytes() for p in (work / "parts").glob("*.tar"))
+        opens = [line for text in outputs for line in text.splitlines() if line.startswith("read ")]
+        figures.update(whole_cpu_s=round(whole, 2), parts_cpu_s=round(parted, 2), merge_cpu_s=round(merge, 2),
+                       parts_plus_merge_vs_whole_cpu=round((parted + merge) / whole, 3),
+                       relisting_would_add_cpu_s=round((parts - 1) * low["listing_cpu_s"], 2),
+                       parts_shards_identical=same, opens_per_part=opens)
+        print(f"CPU: whole {whole:.1f} s; {parts} parts {parted:.1f} s + merge {merge:.1f} s = "
+              f"{figures['parts_plus_merge_vs_whole_cpu']:.2f}x whole; shards identical: {same}")
+        print("\n".join(opens))
+    return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3, help="verify timings per worker count")
+    parser.add_argument("--scale", action="store_true", help="scale mode (module docstring)")
+    parser.add_argument("--parts", type=int, default=4)
+    parser.add_argument("--per-tar", type=int, default=300)
+    parser.add_argument("--probe-plan", nargs=2, metavar=("SOURCE", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe_plan:
+        probe_plan(*args.probe_plan)
+        return
+    if args.scale:
+        print(json.dumps(scale(args.parts, args.per_tar)))
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from data_throughput import make_images  # sibling script; imports torch, so not in the --probe-plan child
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         started = time.perf_counter()
@@ -93,10 +237,12 @@ def main() -> None:
         rate, per_cpu = bare_loop(paths)
         figures.update(baseline_img_s=round(rate, 1), baseline_img_per_cpu_s=round(per_cpu, 1))
         print(f"baseline (read, decode, shrink, encode; 1 process): {rate:.1f} img/s, {per_cpu:.1f} img/CPU-s")
+        shards = {}
         for mode in ("copy", "resize"):
             for workers in (1, 2):
-                rate, per_cpu, nbytes = converter(work / "src", work, workers, resize=mode == "resize")
                 run = f"{mode}_w{workers}"
+                rate, per_cpu, nbytes, out = converter(work / "src", work, workers, resize=mode == "resize")
+                shards[run] = out
                 figures.update({f"{run}_img_s": round(rate, 1), f"{run}_img_per_cpu_s": round(per_cpu, 1),
                                 f"{run}_vs_baseline": round(rate / figures["baseline_img_s"], 3),
                                 f"{run}_per_cpu_vs_baseline": round(per_cpu / figures["baseline_img_per_cpu_s"], 3),
@@ -107,6 +253,10 @@ def main() -> None:
         for mode in ("copy", "resize"):
             figures[f"{mode}_w2_vs_w1"] = round(figures[f"{mode}_w2_img_s"] / figures[f"{mode}_w1_img_s"], 3)
         figures["resize_storage_ratio"] = round(figures["copy_shard_mb"] / figures["resize_shard_mb"], 3)
+        figures.update(verify_figures(shards["copy_w1"], args.repeats))
+        print(f"verify (wall, {args.repeats} runs each): 1 worker {figures['verify_w1_s']} s, 2 workers "
+              f"{figures['verify_w2_s']} s, ratio median {figures['verify_w2_vs_w1_median']} "
+              f"(range {figures['verify_w2_vs_w1_min']}-{figures['verify_w2_vs_w1_max']})")
     print(json.dumps(figures))
 
 

@@ -256,8 +256,8 @@ def _write_missing(plan: PlanFile, out: Path, work: Path, mine: list[int], execu
 
         for wave in waves(pending, bool(plan.header["containers"])):
             tasks = wave_tasks(plan, wave, Path(plan.header["root"]), settings["resize_max"], settings["quality"])
-            opens += sum(1 for task in tasks if task.container)
-            tars.update(task.container for task in tasks if task.container)
+            opens += sum(len(task.containers) for task in tasks)
+            tars.update(container for task in tasks for container in task.containers)
             run_tasks(tasks, executor, WINDOW_PER_WORKER * workers, write, lambda shard: sinks.pop(shard).commit())
     return {"shards_written": len(pending), "shards_rechecked": len(kept), "damaged_rewritten": damaged,
             "tar_opens": opens, "tars_read": len(tars)}

@@ -68,7 +68,7 @@ class Part:
 SAMPLE_DTYPE = np.dtype([("label", "<i4"), ("container", "<i4"), ("offset", "<i8"), ("size", "<i8"),
                          ("name_end", "<i8")])
 """One planned sample: class index, container (-1: plain file), byte offset in it, bytes, end of its name."""
-CHUNK = 1 << 16
+CHUNK = 1 << 13
 """Rows handled at once where a Python loop or a temporary copy is needed: memory stays a few MB."""
 
 

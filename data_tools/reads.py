@@ -4,8 +4,9 @@ Per-image opens and seeks into random class tars (what the global shuffle would
 give if each shard were read on its own) make a 1.3 TB conversion seek-bound. Instead,
 a part's pending shards are split into at most ``MAX_WAVES`` waves; within a wave every
 class tar is opened once (one ``ReadTask``) and its members are read in file order,
-each going to its planned shard. So a tar is opened at most ``MAX_WAVES`` times per
-part, whatever the shard count, and the shard a sample lands in is still the plan's.
+each going to its planned shard (several tars' runs make one task, ``TASK_ENTRIES``).
+So a tar is opened at most ``MAX_WAVES`` times per part, whatever the shard count,
+and the shard a sample lands in is still the plan's.
 
 Inside a shard the samples then come grouped by tar, the tars in a seeded random
 order (not sorted: labels would rise through every shard). At ImageNet-21k scale a
@@ -34,15 +35,18 @@ from .planfile import PlanFile
 
 MAX_WAVES = 4
 MAX_OPEN_SHARDS = 256
-PLAIN_TASK = 32
+TASK_ENTRIES = 32
+"""Entries per read task at least (whole tar runs are never split): a part of ImageNet-21k takes
+only ~2.5 images from a tar per wave, and a task per tar would spend more on task overhead."""
 
 
 class Entry(NamedTuple):
-    """One sample to read: its shard, source name, label, and bytes ``offset:offset+size`` in the container."""
+    """One sample to read: its shard, source name, label, container ("" for a plain file) and byte range."""
 
     shard: int
     name: str
     label: int
+    container: str
     offset: int
     size: int
 
@@ -60,13 +64,18 @@ class Result(NamedTuple):
 
 @dataclass(frozen=True)
 class ReadTask:
-    """One container opened once (``container`` relative to ``root``; "" for plain files) and its entries."""
+    """Entries to read in order; each container's entries are consecutive and ascending, so it is opened once."""
 
     root: Path
-    container: str
     entries: list[Entry]
     resize_max: Optional[int]
     quality: int
+
+    @property
+    def containers(self) -> list[str]:
+        """The containers this task opens, in order."""
+        return [e.container for i, e in enumerate(self.entries)
+                if e.container and (i == 0 or self.entries[i - 1].container != e.container)]
 
 
 def waves(pending: list[int], containers: bool) -> list[list[int]]:
@@ -80,55 +89,78 @@ def waves(pending: list[int], containers: bool) -> list[list[int]]:
 def wave_tasks(plan: PlanFile, wave: list[int], root: Path, resize_max: Optional[int],
                quality: int) -> list[ReadTask]:
     """The read tasks of one wave, in the order their results must be written."""
+    containers = plan.header["containers"]
     rows, entries = [], []
     for shard in wave:
         shard_rows, names = plan.shard(shard)
         rows.append(np.rec.fromarrays([np.full(len(shard_rows), shard), shard_rows["container"], shard_rows["offset"]],
                                       names="shard,container,offset"))
-        entries += [Entry(shard, name, label, offset, size) for name, label, offset, size in
-                    zip(names, shard_rows["label"].tolist(), shard_rows["offset"].tolist(), shard_rows["size"].tolist())]
+        entries += [Entry(shard, name, label, containers[container] if container >= 0 else "", offset, size)
+                    for name, label, container, offset, size in
+                    zip(names, *(shard_rows[f].tolist() for f in ("label", "container", "offset", "size")))]
     columns = np.concatenate(rows)
-    containers = plan.header["containers"]
-    task = lambda container, picked: ReadTask(root, container, [entries[i] for i in picked],  # noqa: E731
-                                              resize_max, quality)
+    task = lambda picked: ReadTask(root, [entries[i] for i in picked], resize_max, quality)  # noqa: E731
     plain = np.flatnonzero(columns["container"] < 0)
-    tasks = [task("", run[i:i + PLAIN_TASK].tolist())  # a task feeds one shard: a slow file holds back only it
+    tasks = [task(run[i:i + TASK_ENTRIES].tolist())  # a task feeds one shard: a slow file holds back only it
              for run in np.split(plain, np.flatnonzero(np.diff(columns["shard"][plain])) + 1)
-             for i in range(0, len(run), PLAIN_TASK)]
+             for i in range(0, len(run), TASK_ENTRIES)]
     if len(plain) == len(columns):
         return tasks
     rank = np.random.default_rng(plan.header["settings"]["seed"]).permutation(len(containers))
     packed = np.flatnonzero(columns["container"] >= 0)
     packed = packed[np.lexsort((columns["offset"][packed], rank[columns["container"][packed]]))]
-    starts = np.flatnonzero(np.diff(columns["container"][packed], prepend=-1))
-    for group in np.split(packed, starts[1:]):
-        tasks.append(task(containers[int(columns["container"][group[0]])], group.tolist()))
-    return tasks
+    runs = np.flatnonzero(np.diff(columns["container"][packed], prepend=-1))  # where each tar's run starts
+    cuts, size = [0], 0
+    for start, end in zip(runs.tolist(), runs[1:].tolist() + [len(packed)]):
+        if size >= TASK_ENTRIES:
+            cuts.append(start)
+            size = 0
+        size += end - start
+    return tasks + [task(packed[lo:hi].tolist()) for lo, hi in zip(cuts, cuts[1:] + [len(packed)])]
 
 
 def read_task(task: ReadTask) -> list[Result]:
-    """Read (one open of the container, forward seeks only) and check every entry of ``task``."""
-    if not task.container:
-        return [_prepared(task, entry, lambda e: (task.root / e.name).read_bytes()) for entry in task.entries]
+    """Read and check every entry of ``task``: one open per container, forward seeks only."""
+    results, handle = [], None
     try:
-        handle = open(task.root / task.container, "rb")
+        for entry in task.entries:
+            if not entry.container:
+                results.append(_prepared(task, entry, lambda: (task.root / entry.name).read_bytes()))
+                continue
+            if handle is None or handle.name != str(task.root / entry.container):
+                if handle is not None:
+                    handle.close()
+                handle = _open(task.root / entry.container)
+            if isinstance(handle, OSError):
+                results.append(_skipped(entry, f"cannot read class tar {entry.container}: {handle.strerror}"))
+                handle = None
+                continue
+            results.append(_prepared(task, entry, lambda: _read_member(handle, entry)))
+    finally:
+        if handle is not None:
+            handle.close()
+    return results
+
+
+def _open(path: Path):
+    try:
+        return open(path, "rb")
     except OSError as err:
-        return [_skipped(entry, f"cannot read class tar {task.container}: {err.strerror}") for entry in task.entries]
-    with handle:
-        return [_prepared(task, entry, lambda e: _read_member(handle, e, task.container)) for entry in task.entries]
+        return err
 
 
-def _read_member(handle, entry: Entry, container: str) -> bytes:
+def _read_member(handle, entry: Entry) -> bytes:
     handle.seek(entry.offset)
     data = handle.read(entry.size)
     if len(data) != entry.size:
-        raise OSError(f"class tar {container} ends {entry.size - len(data)} bytes early (changed since it was listed?)")
+        raise OSError(f"class tar {entry.container} ends {entry.size - len(data)} bytes early "
+                      "(changed since it was listed?)")
     return data
 
 
 def _prepared(task: ReadTask, entry: Entry, read) -> Result:
     try:
-        image = prepare(read(entry), task.resize_max, task.quality)
+        image = prepare(read(), task.resize_max, task.quality)
     except BadImage as err:
         return _skipped(entry, str(err))
     except OSError as err:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -265,3 +267,34 @@ def test_a_part_with_other_settings_or_a_merge_before_any_plan_is_refused(tmp_pa
     convert(source, out, samples_per_shard=PER_SHARD, part=Part(0, 2), progress=False)
     with pytest.raises(ConversionError, match="unfinished conversion .* other images or settings"):
         convert(source, out, samples_per_shard=PER_SHARD, part=Part(1, 2), resize_max=8, progress=False)
+
+
+PLAN_PROBE = """
+import resource, sys
+from pathlib import Path
+from data_tools.plan import make_plan
+from data_tools.planfile import write_plan
+from data_tools.sources import FileTable, Listing
+files, work = int(sys.argv[1]), Path(sys.argv[2])
+table = FileTable()
+for i in range(files):
+    table.add(f"n{i % 500:08d}/n{i % 500:08d}_{i}.JPEG", i % 500, 1000 + i % 97, i % 500, 512 * (1 + i // 500))
+listing = Listing(work, table, [f"n{c:08d}" for c in range(500)], [f"n{c:08d}.tar" for c in range(500)])
+plan = make_plan("train", listing, listing.class_names, seed=0, samples_per_shard=1000, shard_size=None, options={})
+work.mkdir()
+write_plan(work, plan, {"settings": {}, "containers": listing.containers, "root": str(work)}, [])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_planning_memory_grows_by_well_under_a_python_object_per_file(tmp_path):
+    """Peak RSS growth per listed file, 20k -> 200k files (``benchmarks/convert_throughput.py --scale``
+    measures ~75 bytes; one Python tuple per file, as before, costs ~300). The bound is far outside noise."""
+    peaks = {}
+    for files in (20_000, 200_000):
+        done = subprocess.run([sys.executable, "-c", PLAN_PROBE, str(files), str(tmp_path / str(files))],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        peaks[files] = int(done.stdout.split()[-1]) * 1024
+    per_file = (peaks[200_000] - peaks[20_000]) / 180_000
+    assert per_file < 200, per_file

@@ -121,35 +121,36 @@ def wave_tasks(plan: PlanFile, wave: list[int], root: Path, resize_max: Optional
 
 def read_task(task: ReadTask) -> list[Result]:
     """Read and check every entry of ``task``: one open per container, forward seeks only."""
-    results, handle = [], None
+    results, handle, opened = [], None, ""
     try:
         for entry in task.entries:
-            if not entry.container:
-                results.append(_prepared(task, entry, lambda: (task.root / entry.name).read_bytes()))
-                continue
-            if handle is None or handle.name != str(task.root / entry.container):
-                if handle is not None:
-                    handle.close()
-                handle = _open(task.root / entry.container)
-            if isinstance(handle, OSError):
-                results.append(_skipped(entry, f"cannot read class tar {entry.container}: {handle.strerror}"))
-                handle = None
-                continue
-            results.append(_prepared(task, entry, lambda: _read_member(handle, entry)))
+            if entry.container and entry.container != opened:
+                _close(handle)
+                handle, opened = _open(task.root / entry.container), entry.container
+            results.append(_prepared(task, entry, handle))
     finally:
-        if handle is not None:
-            handle.close()
+        _close(handle)
     return results
 
 
 def _open(path: Path):
+    """The open container, or the error that kept it closed (each of its entries is then skipped with it)."""
     try:
         return open(path, "rb")
     except OSError as err:
         return err
 
 
-def _read_member(handle, entry: Entry) -> bytes:
+def _close(handle) -> None:
+    if handle is not None and not isinstance(handle, OSError):
+        handle.close()
+
+
+def _read(task: ReadTask, entry: Entry, handle) -> bytes:
+    if not entry.container:
+        return (task.root / entry.name).read_bytes()
+    if isinstance(handle, OSError):
+        raise OSError(f"class tar {entry.container} cannot be opened: {handle.strerror}")
     handle.seek(entry.offset)
     data = handle.read(entry.size)
     if len(data) != entry.size:
@@ -158,9 +159,9 @@ def _read_member(handle, entry: Entry) -> bytes:
     return data
 
 
-def _prepared(task: ReadTask, entry: Entry, read) -> Result:
+def _prepared(task: ReadTask, entry: Entry, handle) -> Result:
     try:
-        image = prepare(read(), task.resize_max, task.quality)
+        image = prepare(_read(task, entry, handle), task.resize_max, task.quality)
     except BadImage as err:
         return _skipped(entry, str(err))
     except OSError as err:

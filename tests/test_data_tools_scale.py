@@ -298,3 +298,23 @@ def test_planning_memory_grows_by_well_under_a_python_object_per_file(tmp_path):
         peaks[files] = int(done.stdout.split()[-1]) * 1024
     per_file = (peaks[200_000] - peaks[20_000]) / 180_000
     assert per_file < 200, per_file
+
+
+def test_tars_cut_or_removed_after_planning_are_reported_per_file(tmp_path, class_tars):
+    source, out = class_tars(), tmp_path / "out"
+    convert(source, out, samples_per_shard=PER_SHARD, part=Part(0, 2), progress=False)
+    cut = source / "n00000005.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    (source / "n00000002.tar").unlink()
+    convert(source, out, samples_per_shard=PER_SHARD, part=Part(1, 2), progress=False)
+    convert(source, out, samples_per_shard=PER_SHARD, merge=True, progress=False)
+
+    entry = read_info(out)["splits"]["train"]
+    errors = read_errors(out)
+    gone = [e for e in errors if e["path"].startswith("n00000002/")]
+    short = [e for e in errors if e["path"].startswith("n00000005/")]
+    assert gone and all("class tar n00000002.tar cannot be opened" in e["reason"] for e in gone)
+    assert short and all("ends" in e["reason"] and "bytes early" in e["reason"] for e in short)
+    assert len(gone) < COUNTS["n00000002"] and len(short) < COUNTS["n00000005"]  # part 0's shards had them
+    assert entry["stats"]["planned"] == sum(COUNTS.values()) == entry["num_samples"] + len(errors)
+    assert verify(out) == []

@@ -275,16 +275,16 @@ def _check_all_written(out: Path, work: Path, split: str, num_shards: int) -> No
         try:
             if (out / name).stat().st_size == json.loads(record_path(work, name).read_text())["bytes"]:
                 continue
+            missing.append(f"{name}: size differs from its record")
         except FileNotFoundError:
-            pass
-        missing.append(name)
+            missing.append(name)
     if not missing:
         return
     shown = ", ".join(missing[:MISSING_SHOWN]) + (", ..." if len(missing) > MISSING_SHOWN else "")
     raise ConversionError(f"cannot merge split {split!r} of {out}: {len(missing)} of {num_shards} planned shards "
-                          f"are missing or damaged ({shown}); shard i is written by part i % N: rerun the parts "
-                          "that failed (the same command with --part I/N; their finished shards are kept and "
-                          "re-checked), then merge again")
+                          f"are missing ({shown}); shard i is written by part i % N: rerun the parts that failed "
+                          "(the same command with --part I/N; their finished shards are kept, damaged ones "
+                          "rewritten), then merge again")
 
 
 def _finish(out: Path, plan: PlanFile, records: list[dict], settings: dict, name: str) -> dict:

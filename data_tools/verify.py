@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple, Optional, Union
 
 import numpy as np
+import webdataset as wds  # imported before the pool forks: each worker would spend ~2 s importing torch
 from PIL import Image, UnidentifiedImageError
 
 from .manifest import read_classes, read_info
@@ -66,8 +67,6 @@ def verify(out: Union[str, Path], workers: int = 1, part: Optional[Part] = None)
 
 def check_shard(job: ShardJob) -> tuple[list[str], np.ndarray]:
     """Problems of one shard and the keys it holds (run in a worker)."""
-    import webdataset as wds  # the reader training uses; imported here so the CLI starts fast
-
     name = job.path.name
     if not job.path.is_file():
         return [f"{name}: missing"], np.array([], dtype="S1")

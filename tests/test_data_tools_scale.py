@@ -204,7 +204,7 @@ def test_a_shard_truncated_under_its_final_name_is_found_and_rewritten(tmp_path,
     (out / "train-000003.tar").write_bytes(b"")
     assert main(args + ["--merge"]) == 1
     error = capsys.readouterr().err
-    assert "1 of 22 planned shards are missing or damaged (train-000003.tar)" in error
+    assert "1 of 22 planned shards are missing (train-000003.tar: size differs from its record)" in error
     assert main(args + ["--part", "1/2"]) == 0 and main(args + ["--merge"]) == 0
     assert verify(out) == []
 

@@ -228,16 +228,7 @@ def _write_missing(plan: PlanFile, out: Path, work: Path, mine: list[int], execu
     """Re-check the shards of ``mine`` already written, then write the missing or damaged ones."""
     settings = plan.header["settings"]
     split = settings["split"]
-    kept = [i for i in mine if (out / shard_name(split, i)).is_file()
-            and record_path(work, shard_name(split, i)).is_file()]
-    paths = [out / shard_name(split, i) for i in kept]
-    checks = list((executor.map if executor else map)(shard_matches, paths, [record_path(work, p.name) for p in paths]))
-    damaged = [path.name for path, ok in zip(paths, checks) if not ok]
-    for path, ok in zip(paths, checks):
-        if not ok:
-            path.unlink()
-            record_path(work, path.name).unlink()
-    good = {i for i, ok in zip(kept, checks) if ok}
+    good, rechecked, damaged = _recheck(out, work, split, mine, executor)
     pending = [i for i in mine if i not in good]
     sinks: dict[int, ShardSink] = {}
     opens, tars = 0, set()
@@ -259,8 +250,26 @@ def _write_missing(plan: PlanFile, out: Path, work: Path, mine: list[int], execu
             opens += sum(len(task.containers) for task in tasks)
             tars.update(container for task in tasks for container in task.containers)
             run_tasks(tasks, executor, WINDOW_PER_WORKER * workers, write, lambda shard: sinks.pop(shard).commit())
-    return {"shards_written": len(pending), "shards_rechecked": len(kept), "damaged_rewritten": damaged,
+    return {"shards_written": len(pending), "shards_rechecked": rechecked, "damaged_rewritten": damaged,
             "tar_opens": opens, "tars_read": len(tars)}
+
+
+def _recheck(out: Path, work: Path, split: str, mine: list[int],
+             executor: Optional[Executor]) -> tuple[set[int], int, list[str]]:
+    """Shards of ``mine`` already there whose size and sha256 match their record; damaged ones are removed.
+
+    Returns the good shard indices, how many were checked, and the damaged shards' names.
+    """
+    kept = [i for i in mine if (out / shard_name(split, i)).is_file()
+            and record_path(work, shard_name(split, i)).is_file()]
+    paths = [out / shard_name(split, i) for i in kept]
+    checks = list((executor.map if executor else map)(shard_matches, paths, [record_path(work, p.name) for p in paths]))
+    for path, ok in zip(paths, checks):
+        if not ok:
+            path.unlink()
+            record_path(work, path.name).unlink()
+    return ({i for i, ok in zip(kept, checks) if ok}, len(kept),
+            [path.name for path, ok in zip(paths, checks) if not ok])
 
 
 def _check_all_written(out: Path, work: Path, split: str, num_shards: int) -> None:

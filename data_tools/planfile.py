@@ -36,6 +36,7 @@ import numpy as np
 
 from .manifest import atomic_writer, write_json_atomic
 from .plan import CHUNK, SAMPLE_DTYPE, Plan
+from .sources import NAME_ENCODING
 
 HEADER, SAMPLES, NAMES, BOUNDS, PROBLEMS, LOCK = ("plan.json", "plan-samples.npy", "plan-names.bin",
                                                    "plan-bounds.npy", "plan-problems.json", "plan.lock")
@@ -89,7 +90,7 @@ class PlanFile:
             handle.seek(start)
             blob = handle.read(int(rows["name_end"][-1]) - start if len(rows) else 0)
         ends = (rows["name_end"] - start).tolist()
-        return rows, [blob[s:e].decode("utf-8", "surrogateescape") for s, e in zip([0] + ends[:-1], ends)]
+        return rows, [blob[s:e].decode(*NAME_ENCODING) for s, e in zip([0] + ends[:-1], ends)]
 
     def problems(self) -> list[dict]:
         return json.loads((self.work / PROBLEMS).read_text())

@@ -31,9 +31,11 @@ in class tars of ``--per-tar`` files, at 30k and 120k files:
   the source and writes the plan; the growth between the two sizes, per file, is the
   planner's memory per source file (the imports' fixed cost cancels out).
 - part vs whole: CPU seconds (user + sys, every process) of one whole conversion with
-  2 workers vs ``--parts`` concurrent ``--part`` runs with 2 workers each plus the
-  ``--merge``, all as CLI processes on the 30k source; and the CPU of one listing, i.e.
-  what each part would add if it listed the source itself.
+  2 workers vs ``--parts`` ``--part`` runs with 2 workers each plus the ``--merge``, all
+  as CLI processes on each source, run one after another as on separate nodes (the
+  tests run parts concurrently); and (parts - 1) listings, what the parts would add if
+  each listed the source itself. Each process costs ~0.2 CPU s of imports, so tiny
+  sources overstate the ratio; a SLURM part of ImageNet-21k converts ~220k images.
 - opens per tar: class-tar opens / tars read, per part (the converter's own count;
   the tests count them independently by wrapping ``open``).
 
@@ -59,7 +61,6 @@ import numpy as np
 from PIL import Image
 
 from data_tools.convert import convert
-from data_tools.verify import verify
 
 RESIZE_MAX = 320
 QUALITY = 90
@@ -96,6 +97,8 @@ def converter(source: Path, work: Path, workers: int, resize: bool) -> tuple[flo
 
 def timed_verify(out: Path, workers: int) -> tuple[float, float]:
     """Wall and CPU seconds (this process and its workers) of one ``verify``."""
+    from data_tools.verify import verify  # imports torch (webdataset): kept out of the --probe-plan child
+
     wall, cpu = time.perf_counter(), cpu_seconds()
     problems = verify(out, workers=workers)
     assert problems == [], problems[:3]
@@ -160,14 +163,41 @@ def probe_plan(source: str, work: str) -> None:
                       "plan_bytes": sum(p.stat().st_size for p in Path(work).iterdir())}))
 
 
-def child_cpu(command: list[list[str]]) -> tuple[float, list[str]]:
-    """Run the commands concurrently (niced like this process); CPU seconds of all of them and their outputs."""
+def child_cpu(commands: list[list[str]]) -> tuple[float, list[str]]:
+    """Run the commands one after another (niced like this process); CPU seconds of all of them, their outputs.
+
+    One after another, as on separate nodes: run together on 2 cores, 4 parts x 3
+    processes would also measure their contention with each other.
+    """
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in command]
-    outputs = [p.communicate()[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
+    outputs = []
+    for command in commands:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert done.returncode == 0, done.stdout
+        outputs.append(done.stdout)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, outputs
+
+
+def parts_vs_whole(work: Path, files: int, parts: int, plan: dict) -> dict:
+    """CPU of a whole conversion vs ``parts`` parts + merge of the ``files`` source; opens per part."""
+    cli = [sys.executable, "-m", "data_tools", "convert", str(work / f"src{files}")]
+    opts = ["--samples-per-shard", str(SCALE_PER_SHARD), "--workers", "2", "--no-progress"]
+    whole, _ = child_cpu([cli + [str(work / f"whole{files}")] + opts])
+    parted, outputs = child_cpu([cli + [str(work / f"parts{files}")] + opts + ["--part", f"{i}/{parts}"]
+                                 for i in range(parts)])
+    merge, _ = child_cpu([cli + [str(work / f"parts{files}")] + opts + ["--merge"]])
+    same = all((work / f"whole{files}" / p.name).read_bytes() == p.read_bytes()
+               for p in (work / f"parts{files}").glob("*.tar"))
+    opens = [line for text in outputs for line in text.splitlines() if line.startswith("read ")]
+    figures = {"whole_cpu_s": round(whole, 2), "parts_cpu_s": round(parted, 2), "merge_cpu_s": round(merge, 2),
+               "parts_plus_merge_vs_whole_cpu": round((parted + merge) / whole, 3),
+               "relisting_would_add_cpu_s": round((parts - 1) * plan["listing_cpu_s"], 2),
+               "parts_shards_identical": same, "opens_per_part": opens}
+    print(f"{files} files, CPU: whole {whole:.1f} s; {parts} parts {parted:.1f} s + merge {merge:.1f} s = "
+          f"{figures['parts_plus_merge_vs_whole_cpu']:.2f}x whole (relisting in every part would add "
+          f"{figures['relisting_would_add_cpu_s']:.1f} s); shards identical: {same}; " + "; ".join(opens))
+    return figures
 
 
 def scale(parts: int, per_tar: int) -> dict:
@@ -191,22 +221,8 @@ def scale(parts: int, per_tar: int) -> dict:
         print(f"planning memory: {figures['plan_rss_bytes_per_file']} bytes per source file "
               f"(peak RSS growth {SCALE_SIZES[0]} -> {SCALE_SIZES[1]} files)")
 
-        source = work / f"src{SCALE_SIZES[0]}"
-        cli = [sys.executable, "-m", "data_tools", "convert", str(source)]
-        opts = ["--samples-per-shard", str(SCALE_PER_SHARD), "--workers", "2", "--no-progress"]
-        whole, _ = child_cpu([cli + [str(work / "whole")] + opts])
-        parted, outputs = child_cpu([cli + [str(work / "parts")] + opts + ["--part", f"{i}/{parts}"]
-                                     for i in range(parts)])
-        merge, _ = child_cpu([cli + [str(work / "parts")] + opts + ["--merge"]])
-        same = all((work / "whole" / p.name).read_bytes() == p.read_bytes() for p in (work / "parts").glob("*.tar"))
-        opens = [line for text in outputs for line in text.splitlines() if line.startswith("read ")]
-        figures.update(whole_cpu_s=round(whole, 2), parts_cpu_s=round(parted, 2), merge_cpu_s=round(merge, 2),
-                       parts_plus_merge_vs_whole_cpu=round((parted + merge) / whole, 3),
-                       relisting_would_add_cpu_s=round((parts - 1) * low["listing_cpu_s"], 2),
-                       parts_shards_identical=same, opens_per_part=opens)
-        print(f"CPU: whole {whole:.1f} s; {parts} parts {parted:.1f} s + merge {merge:.1f} s = "
-              f"{figures['parts_plus_merge_vs_whole_cpu']:.2f}x whole; shards identical: {same}")
-        print("\n".join(opens))
+        for files in SCALE_SIZES:
+            figures[f"parts_vs_whole_{files}"] = parts_vs_whole(work, files, parts, figures[f"plan_{files}"])
     return figures
 
 

@@ -108,8 +108,9 @@ def timed_verify(out: Path, workers: int) -> tuple[float, float]:
 def verify_figures(out: Path, repeats: int) -> dict:
     """``verify`` with 1 and 2 workers, alternated ``repeats`` times: wall ratio (median, spread) and CPU ratio.
 
-    The CPU ratio (near 1: the second worker adds no work) holds on a loaded machine;
-    the wall ratio only shows the speed-up where two cores are free.
+    The CPU ratio (near 1: the second worker adds little work) holds on a loaded machine;
+    the wall ratio only shows the speed-up where two cores are free: "cores used" (CPU
+    over wall) says how many this run got.
     """
     runs = {1: [], 2: []}
     for _ in range(repeats):
@@ -120,7 +121,9 @@ def verify_figures(out: Path, repeats: int) -> dict:
     return {"verify_w1_s": [round(t, 2) for t, _ in runs[1]], "verify_w2_s": [round(t, 2) for t, _ in runs[2]],
             "verify_w2_vs_w1_median": round(ratios[len(ratios) // 2], 3),
             "verify_w2_vs_w1_min": round(ratios[0], 3), "verify_w2_vs_w1_max": round(ratios[-1], 3),
-            "verify_w2_vs_w1_cpu": round(cpu[2] / cpu[1], 3)}
+            "verify_w2_vs_w1_cpu": round(cpu[2] / cpu[1], 3),
+            "verify_w1_cores_used": round(cpu[1] / sum(t for t, _ in runs[1]), 2),
+            "verify_w2_cores_used": round(cpu[2] / sum(t for t, _ in runs[2]), 2)}
 
 
 def make_class_tars(root: Path, files: int, per_tar: int) -> None:
@@ -153,7 +156,8 @@ def probe_plan(source: str, work: str) -> None:
     wall, cpu = time.perf_counter(), cpu_seconds()
     listing = list_source(Path(source), "classtars")
     listed_cpu = cpu_seconds() - cpu
-    plan = make_plan("train", listing, sorted_class_names(listing.class_names), seed=0, samples_per_shard=SCALE_PER_SHARD, shard_size=None,
+    plan = make_plan("train", listing, sorted_class_names(listing.class_names), seed=0,
+                     samples_per_shard=SCALE_PER_SHARD, shard_size=None,
                      options={})
     Path(work).mkdir(parents=True)
     write_plan(Path(work), plan, {"settings": {}, "containers": listing.containers, "root": source}, [])
@@ -280,7 +284,8 @@ def main() -> None:
         print(f"verify (wall, {args.repeats} runs each): 1 worker {figures['verify_w1_s']} s, 2 workers "
               f"{figures['verify_w2_s']} s, ratio median {figures['verify_w2_vs_w1_median']} "
               f"(range {figures['verify_w2_vs_w1_min']}-{figures['verify_w2_vs_w1_max']}), "
-              f"CPU ratio {figures['verify_w2_vs_w1_cpu']}")
+              f"CPU ratio {figures['verify_w2_vs_w1_cpu']}, cores used {figures['verify_w1_cores_used']} "
+              f"(1 worker) and {figures['verify_w2_cores_used']} (2 workers)")
     print(json.dumps(figures))
 
 

@@ -60,10 +60,13 @@ class FileTable:
 
     def columns(self) -> dict[str, np.ndarray]:
         """Zero-copy numpy views: ``name_end``, ``label``, ``size``, ``container``, ``offset``."""
-        view = lambda column, dtype: np.frombuffer(column, dtype=dtype) if len(column) else np.zeros(0, dtype)  # noqa: E731
-        return {"name_end": view(self.name_ends, np.int64), "label": view(self.labels, np.int32),
-                "size": view(self.sizes, np.int64), "container": view(self.containers, np.int32),
-                "offset": view(self.offsets, np.int64)}
+        return {"name_end": _view(self.name_ends, np.int64), "label": _view(self.labels, np.int32),
+                "size": _view(self.sizes, np.int64), "container": _view(self.containers, np.int32),
+                "offset": _view(self.offsets, np.int64)}
+
+
+def _view(column: array, dtype: type) -> np.ndarray:
+    return np.frombuffer(column, dtype=dtype) if len(column) else np.zeros(0, dtype)
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """vitscale data_tools: image datasets -> webdataset shards (``python -m data_tools convert|verify|info|demo``).
 
-Modules: ``sources`` (list ImageFolder / class tars / CSV), ``images`` (check and
-re-encode policy), ``plan`` (seeded shuffle, shard assignment, keys), ``writer``
-(one shard, crash-safe), ``convert`` (the whole conversion, resumable),
-``manifest`` (``_info.json`` / ``classes.json`` reader, standard library only),
-``verify``, ``info``, ``demo``.
+Modules: ``sources`` (list ImageFolder / class tars / CSV into columns), ``images``
+(check and re-encode policy), ``plan`` (seeded hash order, shard assignment, keys),
+``planfile`` (the plan on disk, written once under a lock, read by slices), ``reads``
+(sequential reads of class tars, in waves), ``pipeline`` (tasks over workers, results
+in order per shard), ``writer`` (one shard, durable), ``convert`` (the whole
+conversion, resumable, in parts), ``manifest`` (``_info.json`` / ``classes.json``
+reader, standard library only), ``verify`` (parallel), ``info``, ``demo``.
 """

@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("verify", help="re-read every shard: checksums, counts, decoding, labels")
     check.add_argument("out")
+    check.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    check.add_argument("--part", type=_part, metavar="I/N",
+                       help="check only shards i with i %% N == I (one of N parallel processes, e.g. a SLURM array "
+                            "task); keys are then checked for repeats among those shards only")
 
     show = commands.add_parser("info", help="samples per split and class, bytes, image sizes")
     show.add_argument("out")
@@ -76,6 +80,11 @@ def _convert(args: argparse.Namespace) -> int:
                       samples_per_shard=args.samples_per_shard, shard_size=args.shard_size, workers=args.workers,
                       resize_max=args.resize_max, quality=args.quality, seed=args.seed, name=args.name,
                       part=args.part, merge=args.merge, progress=not args.no_progress)
+    if summary.get("damaged_rewritten"):
+        print(f"rewrote {len(summary['damaged_rewritten'])} shards whose size or sha256 no longer matched their "
+              f"record: {', '.join(summary['damaged_rewritten'])}")
+    if summary.get("tar_opens"):
+        print(f"read {summary['tars_read']} class tars with {summary['tar_opens']} opens")
     if "part" in summary:
         print(f"{summary['split']} part {summary['part']}: {summary['planned_samples']} planned samples in "
               f"{summary['shards']} shards ({summary['shards_written']} written now), {summary['seconds']:.1f} s; "
@@ -93,7 +102,7 @@ def _convert(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
-    problems = verify(args.out)
+    problems = verify(args.out, workers=args.workers, part=args.part)
     for problem in problems:
         print(problem)
     print(f"{args.out}: {'OK' if not problems else f'{len(problems)} problems'}", file=sys.stderr)

@@ -1,56 +1,71 @@
-"""Convert a source dataset into one split of webdataset shards: plan, write in parallel, resume, manifest.
+"""Convert a source dataset into one split of webdataset shards: plan once, write in waves, resume, manifest.
 
 Order of work, chosen so that a kill at any point loses at most the shards being
 written:
 
 1. Check arguments, the source and the output (missing source, unwritable output,
    an output holding a different dataset: clear error, nothing written).
-2. List the source and plan every shard (``plan.py``); write ``classes.json`` and the
-   plan digest to ``OUT/_work/<split>/plan.json``.
-3. Write the shards whose final file does not exist yet, over ``workers`` processes
-   (``writer.py``); finished shards of an earlier, killed run are kept.
-4. Last, write ``_errors.jsonl`` and the split's entry in ``_info.json``, and drop the
-   work folder. A split present in ``_info.json`` is complete.
+2. Plan, once: the first process to get ``OUT/_work/<split>/plan.lock`` lists the
+   source and writes the plan (``plan.py``, ``planfile.py``); every later process
+   (the other parts of a SLURM array, a resumed run, the merge) reads it, and a part
+   reads only its own shards' rows. Also ``classes.json``.
+3. Re-check the size and sha256 of the shards already there (a killed earlier run's),
+   rewrite any that do not match, and write the missing ones in waves over ``workers``
+   processes, each class tar read sequentially once per wave (``reads.py``,
+   ``pipeline.py``, ``writer.py``: fsync before rename).
+4. Last, write ``_errors.jsonl`` and the split's entry in ``_info.json`` (with the
+   settings, so a rerun answers "done" without listing), and drop the work folder. A
+   split present in ``_info.json`` is complete.
 
 Splitting the work over independent processes or nodes (a SLURM array,
 ``launch/convert.sh``): every part runs the same command with ``part=Part(i, n)``
-(``--part i/n``), plans exactly as above (the plan is deterministic, so all parts
-agree), writes only its shards (index % n == i) and stops after step 3, keeping
-the work folder. Then the same command with ``merge=True`` (``--merge``) writes no
-image: it checks that every planned shard is there (naming the missing ones
-otherwise) and does step 4. The merge is a separate flag, not "the command
-without ``--part``", because that command converts whatever is missing in one
-process, which is the right way to finish a single-process run but would silently
-turn a failed part of a 21k-class conversion into hours of work on one node.
-Parts started at the same moment all write the same ``plan.json`` and
-``classes.json`` (atomic renames of identical content), and a part tells another
-part's shards from a foreign dataset's by the plan digest in ``plan.json``.
+(``--part i/n``), writes only its shards (index % n == i) and stops after step 3,
+keeping the work folder. Then the same command with ``merge=True`` (``--merge``)
+writes no image: it checks that every planned shard is there with its recorded size
+(naming the missing ones otherwise) and does step 4. The merge is a separate flag, not
+"the command without ``--part``", because that command converts whatever is missing
+in one process, which is the right way to finish a single-process run but would
+silently turn a failed part of a 21k-class conversion into hours of work on one node.
+
+Cost at ImageNet-21k scale (14.2 M files, 21,841 tars, 64 parts): the source is listed
+once (14.2 M tar headers, not 64 x 14.2 M = 909 M), by one part while the others wait;
+a part reads ~1/64 of the 0.9 GB plan; each tar is opened at most 4 times per part.
+The plan records the settings: a part or merge run with other settings is refused.
+The plan is a snapshot of the source: files added after it was made are not converted
+(delete ``OUT/_work/<split>`` to plan again).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
 from tqdm import tqdm
 
 from .manifest import (CLASSES_FILE, ERRORS_FILE, INFO_FILE, read_classes, read_info, shard_name,
                        write_errors, write_json_atomic, write_split)
-from .plan import Part, Plan, make_plan, parse_size
-from .sources import Listing, list_source, load_class_map, sorted_class_names
+from .pipeline import run_tasks
+from .plan import Part, make_plan, parse_size
+from .planfile import HEADER, PlanFile, load_or_build, write_plan
+from .reads import Result, wave_tasks, waves
+from .sources import Listing, detect_format, list_source, load_class_map, sorted_class_names
 from .stats import SplitStats
-from .writer import ShardTask, record_path, write_shard
+from .writer import ShardSink, record_path, shard_matches
 
 WORK_DIR = "_work"
 DEFAULT_SHARD_SIZE = "1GB"
 MISSING_SHOWN = 10
 """Missing shards named in a failed merge's message."""
+WINDOW_PER_WORKER = 4
+"""Read tasks in flight or waiting to be written, per worker (bounds memory, keeps workers busy)."""
 
 
 class ConversionError(ValueError):
@@ -81,32 +96,36 @@ def convert(source: Union[str, Path], out: Union[str, Path], *, split: str = "tr
         raise FileNotFoundError(f"source {source} does not exist: give an ImageFolder root, a folder of class "
                                 "tars or a CSV/TSV list")
     _check_output(out)
-    listing = list_source(source, fmt)
-    classes = _classes(listing, source, out, class_map)
-    plan = make_plan(split, listing.items, classes, seed=seed, samples_per_shard=samples_per_shard,
-                     shard_size=shard_bytes, options={"resize_max": resize_max, "quality": quality})
+    settings = {"source": str(source.resolve()), "format": fmt or detect_format(source), "split": split,
+                "seed": seed, "samples_per_shard": samples_per_shard, "shard_size": shard_bytes,
+                "resize_max": resize_max, "quality": quality,
+                "class_map": str(Path(class_map).resolve()) if class_map is not None else None}
     work = out / WORK_DIR / split
-    if _already_converted(out, plan):
+    if _already_converted(out, split, settings):
         _drop_work(out, work)  # left behind when a kill came between the manifest and its removal
         return _summary(out, split, read_info(out)["splits"][split], started, written=0)
-    _check_unfinished(out, work, plan)
-    tasks = [ShardTask(out, work, listing.root, shard_name(split, i), shard, resize_max, quality)
-             for i, shard in enumerate(plan.shards)]
-    mine = [t for i, t in enumerate(tasks) if part is None or part.owns(i)]
-    pending = [t for t in mine if not (out / t.name).is_file() or not record_path(work, t.name).is_file()]
-    if merge:
-        _check_all_written(out, plan.split, tasks, pending)
-    work.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(work / "plan.json", {"digest": plan.digest, "source": str(source), "shards": len(plan.shards)})
+    if merge and not (work / HEADER).is_file():
+        raise ConversionError(f"nothing to merge for split {split!r} in {out}: no plan in {work}; run the "
+                              "--part I/N commands first (the first one plans), then --merge")
+    plan = load_or_build(work, lambda: _build_plan(source, out, work, settings, class_map))
+    if plan.header["settings"] != settings:
+        raise ConversionError(f"{out} holds an unfinished conversion of split {split!r} with other images "
+                              f"or settings: rerun that exact command to finish it, or delete {out}")
     if read_classes(out) is None:
-        write_json_atomic(out / CLASSES_FILE, classes)
-    _write_shards(pending, workers, progress, split, _planned(mine), _planned(mine) - _planned(pending))
+        write_json_atomic(out / CLASSES_FILE, plan.header["classes"])
+    mine = [i for i in range(plan.num_shards) if part is None or part.owns(i)]
+    if merge:
+        _check_all_written(out, work, split, plan.num_shards)
+        written = {"shards_written": 0}
+    else:
+        with _executor(workers) as executor:
+            written = _write_missing(plan, out, work, mine, executor, workers, progress)
     if part is not None:
-        return _part_summary(out, split, part, mine, started, written=len(pending))
-    records = [json.loads(record_path(work, t.name).read_text()) for t in tasks]
-    entry = _finish(out, plan, listing, records, name=name or _dataset_name(out, source))
+        return _part_summary(out, split, part, plan, mine, started, written)
+    records = [json.loads(record_path(work, shard_name(split, i)).read_text()) for i in range(plan.num_shards)]
+    entry = _finish(out, plan, records, settings, name=name or _dataset_name(out, source))
     _drop_work(out, work)
-    return _summary(out, split, entry, started, written=len(pending))
+    return {**_summary(out, split, entry, started, written=written["shards_written"]), **written}
 
 
 def _check_arguments(split: str, samples_per_shard: Optional[int], shard_size: Optional[Union[int, str]],
@@ -143,6 +162,29 @@ def _check_output(out: Path) -> None:
                               "or fix its permissions") from None
 
 
+def _build_plan(source: Path, out: Path, work: Path, settings: dict, class_map: Optional[Union[str, Path]]) -> None:
+    """List the source and write the plan (``planfile.load_or_build`` calls this under the plan lock).
+
+    Shards are looked for before the plan header: every conversion writes its header
+    before its first shard, so shards seen here with no header are a foreign dataset's,
+    and shards of a concurrent planner (a lock taken over) come with its header.
+    """
+    split = settings["split"]
+    foreign = sorted(p.name for p in out.glob(f"{split}-*.tar"))
+    if (work / HEADER).is_file():
+        return
+    if foreign:
+        raise ConversionError(f"{out} already holds shards not written by this conversion ({foreign[0]}, ...): "
+                              "write to another folder or delete them")
+    listing = list_source(source, settings["format"])
+    classes = _classes(listing, source, out, class_map)
+    plan = make_plan(split, listing, classes, seed=settings["seed"], samples_per_shard=settings["samples_per_shard"],
+                     shard_size=settings["shard_size"],
+                     options={"resize_max": settings["resize_max"], "quality": settings["quality"]})
+    write_plan(work, plan, {"settings": settings, "containers": listing.containers, "root": str(listing.root)},
+               listing.problems + plan.problems)
+
+
 def _classes(listing: Listing, source: Path, out: Path, class_map: Optional[Union[str, Path]]) -> list[str]:
     """Class list: the given map, else ``out/classes.json`` (a later split), else the source's sorted names."""
     existing = read_classes(out)
@@ -155,92 +197,124 @@ def _classes(listing: Listing, source: Path, out: Path, class_map: Optional[Unio
         classes, where = existing, str(out / CLASSES_FILE)
     else:
         return sorted_class_names(listing.class_names)
-    unknown = sorted({item.label for item in listing.items} - set(classes))
+    used = np.unique(listing.files.columns()["label"]).tolist()
+    unknown = sorted({listing.class_names[i] for i in used} - set(classes))
     if unknown:
         raise ConversionError(f"{len(unknown)} classes of {source} are not in the class map {where}, "
                               f"e.g. {unknown[:5]}: use the class map of the same dataset, or a new output folder")
     return classes
 
 
-def _already_converted(out: Path, plan: Plan) -> bool:
-    """True when ``_info.json`` holds this exact split; error when it holds a different one."""
+def _already_converted(out: Path, split: str, settings: dict) -> bool:
+    """True when ``_info.json`` holds this split converted with these settings; error when with others."""
     if not (out / INFO_FILE).is_file():
         return False
-    entry = read_info(out)["splits"].get(plan.split)
+    entry = read_info(out)["splits"].get(split)
     if entry is None:
         return False
-    if entry.get("plan_sha256") != plan.digest:
-        raise ConversionError(f"{out} already holds split {plan.split!r} converted from other images or settings: "
+    if entry.get("plan_settings") != settings:
+        raise ConversionError(f"{out} already holds split {split!r} converted from other images or settings: "
                               f"write to another folder, or delete {out} to convert again")
     return True
 
 
-def _check_unfinished(out: Path, work: Path, plan: Plan) -> None:
-    """Refuse to mix shards of another, unfinished conversion (or foreign files) with this one.
+def _executor(workers: int) -> contextlib.AbstractContextManager:
+    """A process pool for ``workers`` > 1; None (work in this process) for one."""
+    return ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext()
 
-    Shards are listed before ``plan.json`` is read: every conversion writes its plan
-    before its first shard, so a part that sees shards written by a part started at
-    the same moment also sees their plan, and compares digests instead of calling
-    them foreign.
+
+def _write_missing(plan: PlanFile, out: Path, work: Path, mine: list[int], executor: Optional[Executor],
+                   workers: int, progress: bool) -> dict:
+    """Re-check the shards of ``mine`` already written, then write the missing or damaged ones."""
+    settings = plan.header["settings"]
+    split = settings["split"]
+    good, rechecked, damaged = _recheck(out, work, split, mine, executor)
+    pending = [i for i in mine if i not in good]
+    sinks: dict[int, ShardSink] = {}
+    opens, tars = 0, set()
+    total = sum(plan.shard_length(i) for i in mine)
+    with tqdm(total=total, initial=total - sum(plan.shard_length(i) for i in pending), unit="img",
+              desc=f"convert {split}", disable=not progress, dynamic_ncols=True) as bar:
+        def write(result: Result) -> None:
+            if result.shard not in sinks:
+                name = shard_name(split, result.shard)
+                sinks[result.shard] = ShardSink(out, work, name, plan.shard_length(result.shard))
+            if result.image is None:
+                sinks[result.shard].skip(result.name, result.reason)
+            else:
+                sinks[result.shard].add(result.key, result.image, result.label, result.name)
+            bar.update(1)
+
+        for wave in waves(pending, bool(plan.header["containers"])):
+            tasks = wave_tasks(plan, wave, Path(plan.header["root"]), settings["resize_max"], settings["quality"])
+            opens += sum(len(task.containers) for task in tasks)
+            tars.update(container for task in tasks for container in task.containers)
+            run_tasks(tasks, executor, WINDOW_PER_WORKER * workers, write, lambda shard: sinks.pop(shard).commit())
+    return {"shards_written": len(pending), "shards_rechecked": rechecked, "damaged_rewritten": damaged,
+            "tar_opens": opens, "tars_read": len(tars)}
+
+
+def _recheck(out: Path, work: Path, split: str, mine: list[int],
+             executor: Optional[Executor]) -> tuple[set[int], int, list[str]]:
+    """Shards of ``mine`` already there whose size and sha256 match their record; damaged ones are removed.
+
+    Returns the good shard indices, how many were checked, and the damaged shards' names.
     """
-    foreign = sorted(p.name for p in out.glob(f"{plan.split}-*.tar"))
-    plan_file = work / "plan.json"
-    if plan_file.is_file():
-        if json.loads(plan_file.read_text())["digest"] != plan.digest:
-            raise ConversionError(f"{out} holds an unfinished conversion of split {plan.split!r} with other images "
-                                  f"or settings: rerun that exact command to finish it, or delete {out}")
-        return
-    if foreign:
-        raise ConversionError(f"{out} already holds shards not written by this conversion ({foreign[0]}, ...): "
-                              "write to another folder or delete them")
+    kept = [i for i in mine if (out / shard_name(split, i)).is_file()
+            and record_path(work, shard_name(split, i)).is_file()]
+    paths = [out / shard_name(split, i) for i in kept]
+    checks = list((executor.map if executor else map)(shard_matches, paths, [record_path(work, p.name) for p in paths]))
+    for path, ok in zip(paths, checks):
+        if not ok:
+            path.unlink()
+            record_path(work, path.name).unlink()
+    return ({i for i, ok in zip(kept, checks) if ok}, len(kept),
+            [path.name for path, ok in zip(paths, checks) if not ok])
 
 
-def _planned(tasks: list[ShardTask]) -> int:
-    return sum(len(t.samples) for t in tasks)
+def _check_all_written(out: Path, work: Path, split: str, num_shards: int) -> None:
+    """Merge: every planned shard must be there, with its record and the size it records.
 
-
-def _check_all_written(out: Path, split: str, tasks: list[ShardTask], missing: list[ShardTask]) -> None:
-    """Merge: every planned shard must have been written by its part."""
+    Only the size: the parts re-check checksums when they resume, and re-reading
+    1.3 TB would make the one-CPU merge job take hours (``verify`` does that, in parallel).
+    """
+    missing = []
+    for index in range(num_shards):
+        name = shard_name(split, index)
+        try:
+            if (out / name).stat().st_size == json.loads(record_path(work, name).read_text())["bytes"]:
+                continue
+            missing.append(f"{name}: size differs from its record")
+        except FileNotFoundError:
+            missing.append(name)
     if not missing:
         return
-    shown = ", ".join(t.name for t in missing[:MISSING_SHOWN]) + (", ..." if len(missing) > MISSING_SHOWN else "")
-    raise ConversionError(f"cannot merge split {split!r} of {out}: {len(missing)} of {len(tasks)} planned shards "
+    shown = ", ".join(missing[:MISSING_SHOWN]) + (", ..." if len(missing) > MISSING_SHOWN else "")
+    raise ConversionError(f"cannot merge split {split!r} of {out}: {len(missing)} of {num_shards} planned shards "
                           f"are missing ({shown}); shard i is written by part i % N: rerun the parts that failed "
-                          "(the same command with --part I/N; their finished shards are kept), then merge again")
+                          "(the same command with --part I/N; their finished shards are kept, damaged ones "
+                          "rewritten), then merge again")
 
 
-def _write_shards(tasks: list[ShardTask], workers: int, progress: bool, split: str, total: int, done: int) -> None:
-    """Run ``write_shard`` over ``tasks`` (in this process for one worker), with a progress bar."""
-    with tqdm(total=total, initial=done, unit="img", desc=f"convert {split}", disable=not progress,
-              dynamic_ncols=True) as bar:
-        if workers == 1:
-            for task in tasks:
-                write_shard(task)
-                bar.update(len(task.samples))
-            return
-        with ProcessPoolExecutor(max_workers=min(workers, max(len(tasks), 1))) as pool:
-            futures = {pool.submit(write_shard, task): len(task.samples) for task in tasks}
-            for future in as_completed(futures):
-                future.result()
-                bar.update(futures[future])
-
-
-def _finish(out: Path, plan: Plan, listing: Listing, records: list[dict], name: str) -> dict:
+def _finish(out: Path, plan: PlanFile, records: list[dict], settings: dict, name: str) -> dict:
     """Write ``_errors.jsonl`` and the split's ``_info.json`` entry (the last step of a conversion)."""
-    errors = listing.problems + [error for record in records for error in record["errors"]]
-    write_errors(out, plan.split, errors)
+    split = settings["split"]
+    errors = plan.problems() + [error for record in records for error in record["errors"]]
+    write_errors(out, split, errors)
     stats = SplitStats()
     for record in records:
         stats.merge(SplitStats.from_dict(record["stats"]))
     if stats.samples == 0:
-        raise ConversionError(f"no image of split {plan.split!r} could be converted ({len(errors)} problems, "
+        raise ConversionError(f"no image of split {split!r} could be converted ({len(errors)} problems, "
                               f"see {out / ERRORS_FILE})")
-    entry = {"name": plan.split, "filenames": [r["name"] for r in records],
+    entry = {"name": split, "filenames": [r["name"] for r in records],
              "shard_lengths": [r["num_samples"] for r in records], "num_samples": stats.samples,
-             "sha256": [r["sha256"] for r in records], "plan_sha256": plan.digest,
-             "stats": {**stats.to_dict(), "shard_bytes": sum(r["bytes"] for r in records), "skipped": len(errors),
+             "sha256": [r["sha256"] for r in records], "plan_sha256": plan.header["digest"],
+             "plan_settings": settings,
+             "stats": {**stats.to_dict(), "shard_bytes": sum(r["bytes"] for r in records),
+                       "planned": sum(r["planned"] for r in records), "skipped": len(errors),
                        "skipped_reasons": dict(Counter(e["reason"].split(":")[0] for e in errors).most_common())}}
-    write_split(out, plan.split, entry, name)
+    write_split(out, split, entry, name)
     return entry
 
 
@@ -258,9 +332,11 @@ def _dataset_name(out: Path, source: Path) -> str:
     return source.resolve().stem
 
 
-def _part_summary(out: Path, split: str, part: Part, tasks: list[ShardTask], started: float, written: int) -> dict:
-    return {"split": split, "out": str(out), "part": str(part), "shards": len(tasks), "shards_written": written,
-            "planned_samples": _planned(tasks), "seconds": round(time.perf_counter() - started, 3)}
+def _part_summary(out: Path, split: str, part: Part, plan: PlanFile, mine: list[int], started: float,
+                  written: dict) -> dict:
+    return {"split": split, "out": str(out), "part": str(part), "shards": len(mine),
+            "planned_samples": sum(plan.shard_length(i) for i in mine),
+            "seconds": round(time.perf_counter() - started, 3), **written}
 
 
 def _summary(out: Path, split: str, entry: dict, started: float, written: int) -> dict:

@@ -17,11 +17,12 @@ The training stream imports this module, so it depends on the standard library o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 from pathlib import Path
-from typing import NamedTuple, Optional, Union
+from typing import IO, Iterator, NamedTuple, Optional, Union
 
 INFO_FILE = "_info.json"
 CLASSES_FILE = "classes.json"
@@ -44,26 +45,45 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file and a rename, so readers never see half a file.
+@contextlib.contextmanager
+def atomic_writer(path: Path, binary: bool = False) -> Iterator[IO]:
+    """A file handle whose content appears at ``path`` only once complete, durably.
 
-    The temporary name is random, so several processes, on several nodes, may write
-    the same file at once (the parts of a conversion all write the same plan): each
-    rename is atomic and the last one wins. (Not ``tempfile.mkstemp``: its files are
-    private to the owner, and a shared dataset must keep the umask's permissions.)
-    The data is fsynced before the rename, so a crash right after it (checkpoint markers
-    and ``latest`` pointers use this too) cannot leave an empty file in place of the old one.
+    Written under a random temporary name in the same folder, so several processes,
+    on several nodes, may write the same file at once (the parts of a conversion all
+    write the same plan): each rename is atomic and the last one wins. (Not
+    ``tempfile.mkstemp``: its files are private to the owner, and a shared dataset must
+    keep the umask's permissions.) The data is fsynced before the rename and the folder
+    after it: otherwise a node crash soon after can leave an empty or truncated file
+    under the final name (ext4 and XFS may persist the rename before the data), or lose
+    the rename. Checkpoint markers and ``latest`` pointers rely on this too.
     """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        with open(tmp, "x") as handle:
-            handle.write(text)
+        with open(tmp, "xb" if binary else "x") as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the entries (creations, renames) of ``folder`` durable."""
+    handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so that readers never see half a file, even after a crash (``atomic_writer``)."""
+    with atomic_writer(path) as handle:
+        handle.write(text)
 
 
 def write_json_atomic(path: Path, data: object) -> None:

@@ -1,12 +1,17 @@
 """List the images of a source dataset: ImageFolder tree, per-class tar files, or a CSV/TSV list.
 
 Listing only reads directory entries and tar headers, never image data: the
-workers read and check the bytes. Every item is named by a source-relative path
+workers read and check the bytes. Every file is named by a source-relative path
 ``<class>/<file>`` (for a class tar ``n01440764.tar`` holding ``x.JPEG`` that is
 ``n01440764/x.JPEG``, the same name it has once unpacked), from which the sample
 key is derived. Problems found while listing (an empty class folder, an unreadable
 tar, a bad CSV row, a missing file) are returned, not raised, and end up in
 ``_errors.jsonl``.
+
+The files are kept in columns (``FileTable``), not one Python object each:
+ImageNet-21k lists 14.2 M files, and a tuple of five Python objects per file costs
+about 300 bytes (4 GB), columns about 30 bytes plus the name (about 60 bytes a file,
+0.9 GB; ``benchmarks/convert_throughput.py --scale`` measures it).
 """
 
 from __future__ import annotations
@@ -16,38 +21,65 @@ import json
 import os
 import posixpath
 import tarfile
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Optional
+
+import numpy as np
 
 FORMATS = ("imagefolder", "classtars", "csv")
+NAME_ENCODING = ("utf-8", "surrogateescape")
+"""File names are stored as bytes; undecodable file-system names survive the round trip."""
 
 
-class Item(NamedTuple):
-    """One source image (a NamedTuple: ImageNet-21k has 14 million of them)."""
+class FileTable:
+    """Listed files as columns: names (one byte string plus end offsets), label, size, container, offset.
 
-    rel: str
-    """Source-relative name ``<class>/<file>``; the key is derived from it and errors name it."""
-    label: str
-    """Class name; turned into an index with the class list."""
-    size: int
-    """Bytes of the source file (from the listing, used to plan shards by size)."""
-    container: str = ""
-    """Tar file (relative to the source root) holding the image, "" for a plain file."""
-    offset: int = -1
-    """Offset of the image bytes inside ``container``."""
+    ``label`` indexes ``Listing.class_names``; ``container`` indexes ``Listing.containers``
+    (-1 for a plain file) and ``offset`` is where the image bytes start inside it.
+    ``array`` columns grow in place, and ``columns()`` views them as numpy arrays without a copy.
+    """
+
+    def __init__(self) -> None:
+        self.names = bytearray()
+        self.name_ends, self.sizes, self.offsets = array("q"), array("q"), array("q")
+        self.labels, self.containers = array("i"), array("i")
+
+    def add(self, name: str, label: int, size: int, container: int = -1, offset: int = -1) -> None:
+        self.names += name.encode(*NAME_ENCODING)
+        self.name_ends.append(len(self.names))
+        self.labels.append(label)
+        self.sizes.append(size)
+        self.containers.append(container)
+        self.offsets.append(offset)
+
+    def __len__(self) -> int:
+        return len(self.name_ends)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Zero-copy numpy views: ``name_end``, ``label``, ``size``, ``container``, ``offset``."""
+        return {"name_end": _view(self.name_ends, np.int64), "label": _view(self.labels, np.int32),
+                "size": _view(self.sizes, np.int64), "container": _view(self.containers, np.int32),
+                "offset": _view(self.offsets, np.int64)}
+
+
+def _view(column: array, dtype: type) -> np.ndarray:
+    return np.frombuffer(column, dtype=dtype) if len(column) else np.zeros(0, dtype)
 
 
 @dataclass
 class Listing:
-    """What a source holds: its root, images, class names and listing problems."""
+    """What a source holds: its root, files, class names, containers and listing problems."""
 
     root: Path
-    """Directory that ``Item.rel`` (plain files) and ``Item.container`` are relative to."""
-    items: list[Item]
+    """Directory that plain file names and ``containers`` are relative to."""
+    files: FileTable
     class_names: list[str]
-    """Classes seen in the source, including empty class folders."""
+    """Classes seen in the source (``FileTable.labels`` index it), including empty class folders."""
+    containers: list[str] = field(default_factory=list)
+    """Class tars (relative to ``root``) that ``FileTable.containers`` index."""
     problems: list[dict] = field(default_factory=list)
 
 
@@ -61,65 +93,58 @@ def detect_format(source: Path) -> str:
 
 
 def list_source(source: Path, fmt: Optional[str] = None) -> Listing:
-    """List ``source`` read as ``fmt`` (detected when None), items sorted by name."""
+    """List ``source`` read as ``fmt`` (detected when None); duplicates are found by the plan."""
     fmt = fmt or detect_format(source)
     if fmt not in FORMATS:
         raise ValueError(f"unknown source format {fmt!r}: use one of {', '.join(FORMATS)}")
-    listing = {"imagefolder": _list_imagefolder, "classtars": _list_classtars, "csv": _list_csv}[fmt](source)
-    items = sorted(listing.items)
-    counts = Counter(item.rel for item in items)  # a CSV naming a file twice, a tar holding a name twice
-    listing.problems += [{"path": rel, "reason": f"duplicate entry: listed {n} times, first one kept"}
-                         for rel, n in sorted(counts.items()) if n > 1]
-    listing.items = [item for i, item in enumerate(items) if i == 0 or item.rel != items[i - 1].rel]
-    return listing
+    return {"imagefolder": _list_imagefolder, "classtars": _list_classtars, "csv": _list_csv}[fmt](source)
 
 
 def _list_imagefolder(root: Path) -> Listing:
     if not root.is_dir():
         raise NotADirectoryError(f"ImageFolder source {root} is not a directory (expected root/<class>/<image>)")
-    items, problems, classes = [], [], []
+    files, problems, classes = FileTable(), [], []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if not entry.is_dir():
             problems.append({"path": entry.name, "reason": "not in a class folder (expected root/<class>/<image>)"})
             continue
+        label, found = len(classes), 0
         classes.append(entry.name)
-        found = 0
-        for dirpath, _, files in os.walk(entry.path, followlinks=True):
-            for name in files:
+        for dirpath, _, names in os.walk(entry.path, followlinks=True):
+            for name in names:
                 rel = os.path.relpath(os.path.join(dirpath, name), root)
                 try:
-                    items.append(Item(rel, entry.name, os.stat(root / rel).st_size))
+                    files.add(rel, label, os.stat(root / rel).st_size)
                     found += 1
                 except OSError as err:  # e.g. a dangling symlink
                     problems.append({"path": rel, "reason": f"cannot read file: {err.strerror}"})
         if not found:
             problems.append({"path": entry.name + "/", "reason": "empty class folder (class kept in classes.json)"})
-    return Listing(root, items, classes, problems)
+    return Listing(root, files, classes, problems=problems)
 
 
 def _list_classtars(root: Path) -> Listing:
     if not root.is_dir():
         raise NotADirectoryError(f"class-tar source {root} is not a directory (expected root/<class>.tar)")
-    items, problems, classes = [], [], []
+    files, problems, classes = FileTable(), [], []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if not entry.name.endswith(".tar"):
             problems.append({"path": entry.name, "reason": "not a .tar file (expected root/<class>.tar)"})
             continue
-        name = entry.name[: -len(".tar")]
+        name, label, found = entry.name[: -len(".tar")], len(classes), 0
         classes.append(name)
-        found = 0
         try:
             with tarfile.open(entry.path, "r:") as archive:
                 for member in archive:
                     if member.isfile():
                         rel = f"{name}/{posixpath.normpath(member.name)}"  # "./x.JPEG" -> "x.JPEG"
-                        items.append(Item(rel, name, member.size, entry.name, member.offset_data))
+                        files.add(rel, label, member.size, label, member.offset_data)
                         found += 1
         except (tarfile.TarError, OSError) as err:
             problems.append({"path": entry.name, "reason": f"unreadable tar, rest of it skipped: {err}"})
         if not found:
             problems.append({"path": entry.name, "reason": "class tar holds no files (class kept in classes.json)"})
-    return Listing(root, items, classes, problems)
+    return Listing(root, files, classes, [f"{c}.tar" for c in classes], problems)
 
 
 def _list_csv(path: Path) -> Listing:
@@ -127,7 +152,7 @@ def _list_csv(path: Path) -> Listing:
     if not path.is_file():
         raise FileNotFoundError(f"CSV source {path} is not a file (expected lines 'path,label')")
     root = path.parent
-    items, problems = [], []
+    files, problems, labels = FileTable(), [], {}
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheet BOMs
         for line, row in enumerate(csv.reader(handle, delimiter=delimiter), start=1):
@@ -143,18 +168,8 @@ def _list_csv(path: Path) -> Listing:
             except OSError as err:
                 problems.append({"path": rel, "reason": f"cannot read file: {err.strerror}"})
                 continue
-            items.append(Item(rel, label, size))
-    labels = sorted({item.label for item in items})
-    return Listing(root, items, labels, problems)
-
-
-def read_bytes(root: Path, item: Item) -> bytes:
-    """The source bytes of ``item`` (seeking into its class tar, nothing unpacked to disk)."""
-    if not item.container:
-        return (root / item.rel).read_bytes()
-    with open(root / item.container, "rb") as handle:
-        handle.seek(item.offset)
-        return handle.read(item.size)
+            files.add(rel, labels.setdefault(label, len(labels)), size)
+    return Listing(root, files, list(labels), problems=problems)
 
 
 def load_class_map(path: Path) -> list[str]:

@@ -5,59 +5,100 @@ it reads as a tar (through webdataset, the reader training uses), it holds
 ``shard_lengths`` samples, and every sample has exactly one ``jpg|png|webp``
 image that fully decodes and a ``cls`` label in ``range(len(classes.json))``.
 Keys must be unique within a split.
+
+Shards are checked in ``workers`` processes (one shard a task, results in manifest
+order, so the report is the same for any worker count); the key check runs on the
+keys the workers return. ``part=Part(i, n)`` checks only shards ``j % n == i`` of
+every split, for a SLURM array: 14.2 M images take ~12 CPU-hours to decode, an hour
+on 16 cores, minutes over 16 nodes. A part checks keys only among its own shards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Union
+from typing import NamedTuple, Optional, Union
 
-import webdataset as wds
-from PIL import Image
+import numpy as np
+import webdataset as wds  # imported before the pool forks: each worker would spend ~2 s importing torch
+from PIL import Image, UnidentifiedImageError
 
 from .manifest import read_classes, read_info
+from .plan import Part
 from .writer import file_sha256
 
 IMAGE_EXTS = ("jpg", "png", "webp")
 
 
-def verify(out: Union[str, Path]) -> list[str]:
+class ShardJob(NamedTuple):
+    """One shard to check (picklable for the workers)."""
+
+    path: Path
+    length: int
+    checksum: Optional[str]
+    classes: Optional[list[str]]
+
+
+def verify(out: Union[str, Path], workers: int = 1, part: Optional[Part] = None) -> list[str]:
     """Problems found in ``out``, one line each naming the shard (and sample); empty when all is well."""
     out = Path(out)
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     info = read_info(out)
     classes = read_classes(out)
     problems = []
-    for split, entry in info["splits"].items():
-        checksums = entry.get("sha256") or [None] * len(entry["filenames"])
-        keys: set[str] = set()
-        for name, length, checksum in zip(entry["filenames"], entry["shard_lengths"], checksums):
-            problems += _verify_shard(out / name, length, checksum, classes, keys)
-        if sum(entry["shard_lengths"]) != entry["num_samples"]:
-            problems.append(f"split {split}: num_samples {entry['num_samples']} != sum of shard_lengths")
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext()
+    with pool as executor:
+        for split, entry in info["splits"].items():
+            checksums = entry.get("sha256") or [None] * len(entry["filenames"])
+            jobs = [ShardJob(out / name, length, checksum, classes) for i, (name, length, checksum)
+                    in enumerate(zip(entry["filenames"], entry["shard_lengths"], checksums))
+                    if part is None or part.owns(i)]
+            results = list((executor.map if executor else map)(check_shard, jobs))
+            for shard_problems, _ in results:
+                problems += shard_problems
+            problems += _duplicate_keys([(job.path.name, keys) for job, (_, keys) in zip(jobs, results)])
+            if part is None and sum(entry["shard_lengths"]) != entry["num_samples"]:
+                problems.append(f"split {split}: num_samples {entry['num_samples']} != sum of shard_lengths")
     return problems
 
 
-def _verify_shard(path: Path, length: int, checksum: str | None, classes: list[str] | None,
-                  keys: set[str]) -> list[str]:
-    if not path.is_file():
-        return [f"{path.name}: missing"]
-    problems = []
-    if checksum is not None and file_sha256(path) != checksum:
-        problems.append(f"{path.name}: sha256 differs from _info.json (file changed or damaged)")
-    count = 0
+def check_shard(job: ShardJob) -> tuple[list[str], np.ndarray]:
+    """Problems of one shard and the keys it holds (run in a worker)."""
+    name = job.path.name
+    if not job.path.is_file():
+        return [f"{name}: missing"], np.array([], dtype="S1")
+    problems, keys = [], []
+    if job.checksum is not None and file_sha256(job.path) != job.checksum:
+        problems.append(f"{name}: sha256 differs from _info.json (file changed or damaged)")
     try:
-        for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
-            count += 1
-            problems += [f"{path.name} sample {sample['__key__']}: {p}" for p in _sample_problems(sample, classes)]
-            if sample["__key__"] in keys:
-                problems.append(f"{path.name} sample {sample['__key__']}: key used twice in this split")
-            keys.add(sample["__key__"])
+        for sample in wds.WebDataset(str(job.path), shardshuffle=False, empty_check=False):
+            keys.append(sample["__key__"])
+            problems += [f"{name} sample {sample['__key__']}: {p}" for p in _sample_problems(sample, job.classes)]
     except Exception as err:  # a damaged tar header surfaces as tarfile/ValueError/OSError from the reader
-        problems.append(f"{path.name}: unreadable after {count} samples: {err}")
-    if count != length:
-        problems.append(f"{path.name}: holds {count} samples, _info.json says {length}")
-    return problems
+        problems.append(f"{name}: unreadable after {len(keys)} samples: {err}")
+    if len(keys) != job.length:
+        problems.append(f"{name}: holds {len(keys)} samples, _info.json says {job.length}")
+    return problems, np.array([k.encode() for k in keys], dtype="S")
+
+
+def _duplicate_keys(shard_keys: list[tuple[str, np.ndarray]]) -> list[str]:
+    """A line for every repeat of a key after its first occurrence (in manifest order).
+
+    Keys travel and are compared as fixed-width byte arrays (24 bytes a key, ~0.5 GB
+    for 14.2 M keys with the sort), not as a set of Python strings (~1.5 GB).
+    """
+    arrays = [keys for _, keys in shard_keys if len(keys)]
+    if not arrays:
+        return []
+    keys = np.concatenate([a.astype(f"S{max(k.dtype.itemsize for k in arrays)}") for a in arrays])
+    names = [name for name, k in shard_keys if len(k)]
+    shard = np.repeat(np.arange(len(arrays)), [len(a) for a in arrays])
+    order = np.argsort(keys, kind="stable")
+    repeats = np.sort(order[np.flatnonzero(keys[order][1:] == keys[order][:-1]) + 1])
+    return [f"{names[shard[i]]} sample {keys[i].decode()}: key used twice in this split" for i in repeats.tolist()]
 
 
 def _sample_problems(sample: dict, classes: list[str] | None) -> list[str]:
@@ -68,6 +109,8 @@ def _sample_problems(sample: dict, classes: list[str] | None) -> list[str]:
     try:
         with Image.open(io.BytesIO(sample[images[0]])) as image:
             image.load()
+    except UnidentifiedImageError:  # its message holds a memory address: keep reports comparable
+        problems.append("image does not decode: PIL cannot identify the format")
     except Exception as err:  # PIL's decode errors have many types
         problems.append(f"image does not decode: {err}")
     label = sample.get("cls", b"").decode("ascii", "replace").strip()

@@ -1,10 +1,18 @@
-"""Write one planned shard: the job each worker process runs.
+"""Write one shard durably: tar members streamed through sha256, fsync, record, rename, folder fsync.
 
-Crash safety: the tar is written under ``<name>.partial``; when it is complete
-its record (count, sha256, skipped images, stats) is saved in the work folder and
-only then is the tar renamed to its final name. So a final ``train-000003.tar``
-always has a record and is never half-written; a kill at any moment leaves at
-most a ``.partial`` file, which the rerun overwrites.
+Crash safety: the tar is written under ``<name>.partial``; when it is complete it is
+fsynced, its record (count, sha256, bytes, skipped images, stats) is saved in the work
+folder, and only then is the tar renamed to its final name and the folder fsynced.
+So a final ``train-000003.tar`` always has a record and, once the rename is durable,
+its full content: without the fsync a node crash can leave a truncated or empty
+file under the final name (the rename reached the disk before the data). A resumed
+conversion still re-checks the size and sha256 of every shard it keeps
+(``shard_matches``), so a shard damaged by anything else is rewritten too.
+
+The tar is written with ``tarfile.TarInfo.tobuf`` (the standard library's header
+encoding) rather than ``tarfile.TarFile``, which keeps every member's header in memory
+for the life of the archive, and so that the checksum is computed while writing
+instead of by reading the shard back.
 """
 
 from __future__ import annotations
@@ -12,63 +20,75 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import tarfile
 from pathlib import Path
-from typing import Optional
 
-import webdataset as wds
-
-from .images import BadImage, prepare
-from .manifest import write_json_atomic
-from .sources import Item, read_bytes
+from .images import Prepared
+from .manifest import fsync_dir, write_json_atomic
 from .stats import SplitStats
 
 TAR_MTIME = 0
 """Fixed member mtime, so the same input gives byte-identical shards."""
-
-
-@dataclass(frozen=True)
-class ShardTask:
-    """Everything a worker needs to write one shard (picklable)."""
-
-    out: Path
-    work: Path
-    """Folder of per-shard records for this split."""
-    root: Path
-    name: str
-    samples: list[tuple[str, int, Item]]
-    resize_max: Optional[int]
-    quality: int
+TAR_MODE = 0o444
 
 
 def record_path(work: Path, name: str) -> Path:
     return work / f"{name}.json"
 
 
-def write_shard(task: ShardTask) -> dict:
-    """Write ``task.name`` and return its record (also saved in ``task.work``)."""
-    partial = task.out / f"{task.name}.partial"
-    stats, errors = SplitStats(), []
-    with wds.TarWriter(str(partial), encoder=False, mtime=TAR_MTIME) as sink:
-        for key, label, item in task.samples:
-            try:
-                image = prepare(read_bytes(task.root, item), task.resize_max, task.quality)
-            except BadImage as err:
-                errors.append({"path": item.rel, "reason": str(err)})
-                continue
-            except OSError as err:
-                errors.append({"path": item.rel, "reason": f"cannot read file: {err}"})
-                continue
-            meta = {"path": item.rel, "width": image.width, "height": image.height}
-            sink.write({"__key__": key, image.ext: image.data, "cls": str(label).encode(),
-                        "json": json.dumps(meta).encode()})
-            stats.add(label, image.width, image.height, len(image.data), image.reencoded)
-    record = {"name": task.name, "planned": len(task.samples), "num_samples": stats.samples,
-              "sha256": file_sha256(partial), "bytes": partial.stat().st_size,
-              "errors": errors, "stats": stats.to_dict()}
-    write_json_atomic(record_path(task.work, task.name), record)
-    os.replace(partial, task.out / task.name)
-    return record
+class ShardSink:
+    """One shard being written: add samples and skipped files, then ``commit``."""
+
+    def __init__(self, out: Path, work: Path, name: str, planned: int) -> None:
+        self.out, self.work, self.name, self.planned = out, work, name, planned
+        self.partial = out / f"{name}.partial"
+        self.handle = open(self.partial, "wb")
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.stats = SplitStats()
+        self.errors: list[dict] = []
+
+    def add(self, key: str, image: Prepared, label: int, name: str) -> None:
+        meta = json.dumps({"path": name, "width": image.width, "height": image.height}).encode()
+        for ext, payload in ((image.ext, image.data), ("cls", str(label).encode()), ("json", meta)):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(payload), TAR_MTIME, TAR_MODE
+            self._write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+            self._write(payload)
+            self._write(tarfile.NUL * (-len(payload) % tarfile.BLOCKSIZE))
+        self.stats.add(label, image.width, image.height, len(image.data), image.reencoded)
+
+    def skip(self, name: str, reason: str) -> None:
+        self.errors.append({"path": name, "reason": reason})
+
+    def commit(self) -> dict:
+        """Close the tar durably, save its record, move it to its final name; return the record."""
+        self._write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+        self._write(tarfile.NUL * (-self.size % tarfile.RECORDSIZE))
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        record = {"name": self.name, "planned": self.planned, "num_samples": self.stats.samples,
+                  "sha256": self.digest.hexdigest(), "bytes": self.size, "errors": self.errors,
+                  "stats": self.stats.to_dict()}
+        write_json_atomic(record_path(self.work, self.name), record)
+        os.replace(self.partial, self.out / self.name)
+        fsync_dir(self.out)
+        return record
+
+    def _write(self, data: bytes) -> None:
+        self.handle.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+
+
+def shard_matches(path: Path, record_file: Path) -> bool:
+    """Whether the shard at ``path`` has the size and sha256 its record says (run in a worker)."""
+    try:
+        record = json.loads(record_file.read_text())
+        return path.stat().st_size == record["bytes"] and file_sha256(path) == record["sha256"]
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def file_sha256(path: Path) -> str:

@@ -7,9 +7,11 @@
 #
 # Array task I of N runs `python -m data_tools convert SOURCE OUT [options] --part I/N
 # --workers C` (options: `python -m data_tools convert --help`; a --workers given here wins).
-# The plan is a pure function of the listing and the options, so every task computes the
-# same shard list and writes only the shards i with i % N == I that are not there yet.
-# N is PARTS when set, else the array's size: keep it fixed when rerunning some parts.
+# The source is listed once: the first task to start takes OUT/_work/<split>/plan.lock, lists
+# the source and writes the plan there; the others wait for it (a lock whose task died is
+# taken over after 2 minutes), then read only their own shards' rows. Each task writes the
+# shards i with i % N == I that are not there yet, re-checking size and sha256 of those
+# that are. N is PARTS when set, else the array's size: keep it fixed when rerunning parts.
 #
 # The lowest task of the array submits the merge: the same command with --merge instead of
 # --part, as a one-CPU job that starts once every array task has ended

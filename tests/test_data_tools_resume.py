@@ -79,7 +79,7 @@ def test_sigkill_then_rerun_converts_every_image_exactly_once(tmp_path, dt_image
     # The killed worker may still hold the pipe for a moment; feeding it would lose the bytes.
     wait_for(lambda: not has_reader(pipe), time.monotonic() + DEADLINE_S, "the killed worker to exit")
     assert not (out / "_info.json").exists()
-    assert len(list(out.glob("*.partial"))) == 1  # the shard that was being written
+    assert len(list(out.glob("*.partial"))) <= 1  # the blocked shard's, if an image before the pipe was written
     finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in final()}
 
     second = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

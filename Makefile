@@ -20,7 +20,7 @@ test: $(STAMP)
 
 # The whole pipeline on the bundled demo dataset (scikit-learn digits), on CPU, 2 processes:
 # shards -> DeepSpeed ZeRO-2 pretraining at 32 px -> export -> Accelerate finetune at 48 px
-# (head swap + pos-embed resampling) -> evaluation. Earlier demo runs are replaced.
+# (head swap + pos-embed resampling) -> evaluation. Earlier demo runs and demo data are replaced.
 DEMO_PRE := runs/demo
 DEMO_FT := runs/demo_ft
 RUN_LOCAL := PYTHON=$(abspath $(PY)) launch/local.sh
@@ -39,4 +39,4 @@ demo: $(STAMP) clean-demo
 	@echo "TensorBoard logs: $(DEMO_PRE) and $(DEMO_FT)  (view: $(VENV)/bin/tensorboard --logdir runs)"
 
 clean-demo:
-	rm -rf $(DEMO_PRE) $(DEMO_FT)
+	rm -rf $(DEMO_PRE) $(DEMO_FT) data/demo

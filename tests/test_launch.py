@@ -67,7 +67,7 @@ def test_pretrain_dry_run_prints_resolved_config_deepspeed_config_and_srun(tmp_p
     overrides = [f"data.train_shards={data_dir}", f"data.eval_shards={data_dir}", "data.micro_batch_size=8",
                  "deepspeed.zero_stage=3", "run.name=dry"]
     proc = _run([str(LAUNCH / "pretrain.sh"), str(PRETRAIN_CFG), *overrides],
-                _env(DRY_RUN="1", SLURM_NTASKS="4"), tmp_path)
+                _env(DRY_RUN="1", SLURM_NTASKS="4", SLURM_CPUS_PER_TASK="12"), tmp_path)
     assert proc.returncode == 0, proc.stderr
     parts = _sections(proc.stdout)
     assert "tasks 4" in parts["head"]
@@ -82,7 +82,9 @@ def test_pretrain_dry_run_prints_resolved_config_deepspeed_config_and_srun(tmp_p
     assert ds["zero_optimization"]["stage"] == 3
 
     command = shlex.split(parts["command"].strip())
-    assert command == ["srun", sys.executable, "-m", "pretrain", "--config", str(PRETRAIN_CFG), *overrides]
+    # srun no longer inherits --cpus-per-task from sbatch (Slurm >= 22.05); a dead rank must end the step.
+    assert command == ["srun", "--kill-on-bad-exit=1", "--cpu-bind=cores", "--cpus-per-task=12", sys.executable, "-m",
+                       "pretrain", "--config", str(PRETRAIN_CFG), *overrides]
 
 
 def test_finetune_dry_run_prints_config_and_srun(tmp_path: Path, data_dir: Path) -> None:
@@ -97,7 +99,8 @@ def test_finetune_dry_run_prints_config_and_srun(tmp_path: Path, data_dir: Path)
     assert resolved["init"] == str(init) and resolved["model"]["img_size"] == 48
     assert "deepspeed" not in parts
     command = shlex.split(parts["command"].strip())
-    assert command[:4] == ["srun", sys.executable, "-m", "finetune"] and command[-3:] == overrides
+    assert command[:6] == ["srun", "--kill-on-bad-exit=1", "--cpu-bind=cores", sys.executable, "-m", "finetune"]
+    assert command[-3:] == overrides
 
 
 @pytest.mark.parametrize("override, message", [

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vitscale-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean-demo
+.PHONY: install test demo clean-demo gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,3 +40,19 @@ demo: $(STAMP) clean-demo
 
 clean-demo:
 	rm -rf $(DEMO_PRE) $(DEMO_FT)
+
+# One GPU, no network: NCCL + bf16 pretraining (ZeRO-2 kill/resume, ZeRO-3), finetune, predict and
+# the ViT-B/16 step benchmark; refuses without a GPU. Uses the machine's python (PYTHON=...), not
+# ./.venv, and installs ./wheels if present (header of launch/gpu_check.sh).
+gpu-check:
+	PYTHON=$(PYTHON) launch/gpu_check.sh
+
+# The wheels gpu-check needs beyond torch/accelerate/timm, for a GPU machine's Python $(GPU_PY) on x86-64.
+GPU_PY ?= 3.12
+GPU_WHEELS_PURE := deepspeed==0.19.8 webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 pydantic==2.14.4 \
+	annotated-types==0.8.0 typing-inspection==0.4.5 joblib==1.6.0 threadpoolctl==3.8.0
+GPU_WHEELS_BINARY := pydantic-core==2.50.5 scikit-learn==1.9.1 scipy==1.17.1
+gpu-wheels:
+	$(PYTHON) -m pip wheel --no-deps -w wheels $(GPU_WHEELS_PURE)
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version $(GPU_PY) \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d wheels $(GPU_WHEELS_BINARY)

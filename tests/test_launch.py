@@ -181,3 +181,10 @@ def test_local_sh_stops_on_a_bad_config_before_starting_processes(tmp_path: Path
     assert proc.returncode == 2
     assert "did you mean 'depth'" in proc.stderr
     assert not record.exists()
+
+
+def test_gpu_check_refuses_without_a_gpu(tmp_path: Path) -> None:
+    """``make gpu-check`` on a machine without CUDA: a clear refusal, exit 2, nothing run."""
+    proc = _run([str(LAUNCH / "gpu_check.sh")], _env(CUDA_VISIBLE_DEVICES=""), tmp_path)
+    assert proc.returncode == 2
+    assert "no CUDA GPU visible" in proc.stderr and "make test" in proc.stderr

@@ -67,7 +67,8 @@ def slurm_gpus(monkeypatch: pytest.MonkeyPatch):
 
     def layout(local_rank: int, visible: str) -> DistEnv:
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            monkeypatch.delenv(key, raising=False)
+            monkeypatch.setenv(key, "")  # recorded, so what export() writes is undone after the test
+            monkeypatch.delenv(key)
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count",

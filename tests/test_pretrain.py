@@ -350,3 +350,28 @@ def test_signal_during_start_up_exits_75_without_a_checkpoint(demo_shards: Path,
     assert CheckpointDir(run_dir / "checkpoints").find() is None
     metrics = run_dir / "metrics.jsonl"
     assert not metrics.exists() or "train/loss" not in metrics.read_text()
+
+
+def test_ranks_wait_for_the_universal_conversion_on_the_file_system(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 converts while the others poll for its marker (no collective, so no collective timeout);
+    a conversion that never finishes ends the wait with the setting to raise."""
+    import threading
+
+    import pretrain.checkpoint as checkpoint_module
+    from pretrain.checkpoint import MARKER, convert_to_universal, universal_path
+
+    monkeypatch.setattr(checkpoint_module, "POLL_S", 0.01)
+    checkpoint = CheckpointDir(tmp_path).read(_fake_checkpoint(CheckpointDir(tmp_path), 4))
+    with pytest.raises(TimeoutError, match="deepspeed.universal_timeout_min"):
+        convert_to_universal(checkpoint, rank=1, timeout_s=0.05)
+    out = universal_path(checkpoint)
+
+    def rank0_finishes() -> None:
+        out.mkdir()
+        (out / MARKER).write_text("{}")
+
+    timer = threading.Timer(0.1, rank0_finishes)
+    timer.start()
+    assert convert_to_universal(checkpoint, rank=3, timeout_s=30) == out
+    timer.join()

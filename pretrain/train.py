@@ -124,7 +124,7 @@ def resume_point(cfg: Config, env: DistEnv) -> tuple[Optional[Checkpoint], bool]
     resized = latest is not None and latest.world_size not in (None, env.world_size)
     if resized:
         if not (universal_path(latest) / MARKER).is_file():
-            log.info("checkpoint %s was written by %d processes, this run has %d: converting it to a universal "
+            log.info("checkpoint %s was written by %d processes, this run has %d: converting to a universal "
                      "checkpoint", latest.path, latest.world_size, env.world_size)
         convert_to_universal(latest, env.rank, cfg.deepspeed.universal_timeout_min * 60)
     return latest, resized

@@ -47,12 +47,14 @@ clean-demo:
 gpu-check:
 	PYTHON=$(PYTHON) launch/gpu_check.sh
 
-# The wheels gpu-check needs beyond torch/accelerate/timm, for a GPU machine's Python $(GPU_PY) on x86-64.
+# What gpu-check needs beyond torch/accelerate/timm, for a GPU machine's Python $(GPU_PY) on x86-64: wheels,
+# and the demo shards built here (building them there would take scikit-learn + scipy, about 50 MB of wheels).
 GPU_PY ?= 3.12
 GPU_WHEELS_PURE := deepspeed==0.19.8 webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 pydantic==2.14.4 \
-	annotated-types==0.8.0 typing-inspection==0.4.5 joblib==1.6.0 threadpoolctl==3.8.0
-GPU_WHEELS_BINARY := pydantic-core==2.50.5 scikit-learn==1.9.1 scipy==1.17.1
-gpu-wheels:
+	annotated-types==0.8.0 typing-inspection==0.4.5
+GPU_WHEELS_BINARY := pydantic-core==2.50.5
+gpu-wheels: $(STAMP)
 	$(PYTHON) -m pip wheel --no-deps -w wheels $(GPU_WHEELS_PURE)
 	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version $(GPU_PY) \
 		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d wheels $(GPU_WHEELS_BINARY)
+	$(PY) -m data_tools demo data/demo

@@ -3,7 +3,8 @@
 Steps, each a separate process as a user would run it; any failure stops the check with the
 step's name and the tail of its output, exit status 1:
 
-1. demo dataset -> shards;
+1. the demo shards: ``data/demo/shards`` as built beforehand by ``make gpu-wheels`` (checked with
+   ``data_tools verify``), else built now, which needs scikit-learn;
 2. demo pretraining, NCCL (one rank), bf16, ZeRO-2, a checkpoint every 10 steps; SIGKILL of the
    whole process group once a checkpoint is complete and a later step was logged; the same
    command again resumes. The first step after the checkpoint is computed from the saved weights,
@@ -21,6 +22,7 @@ The last line is one JSON object with every figure. Budget: 8 minutes on one H10
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -35,6 +37,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN_CFG = REPO / "configs" / "pretrain" / "demo.yaml"
 FINETUNE_CFG = REPO / "configs" / "finetune" / "demo.yaml"
+DEMO_SHARDS = REPO / "data" / "demo" / "shards"
 STEPS, EVERY = 50, 10
 RESUME_TOLERANCE = 2e-3
 
@@ -127,6 +130,23 @@ def compare_resume(run_dir: Path, saved_step: int) -> dict[str, Any]:
             "max_abs_loss_diff": max(diffs)}
 
 
+def demo_shards(work: Path) -> Path:
+    """The demo shards: those ``make gpu-wheels`` built in ``data/demo`` if present, else new ones under ``work``.
+
+    Why prebuilt: the demo images come from scikit-learn's bundled digits, and scikit-learn with
+    scipy is about 50 MB of wheels a GPU machine without network would need only for this.
+    """
+    if (DEMO_SHARDS / "_info.json").is_file():
+        run("demo data: verify the prebuilt shards", [sys.executable, "-m", "data_tools", "verify", str(DEMO_SHARDS)])
+        return DEMO_SHARDS
+    if importlib.util.find_spec("sklearn") is None:
+        raise CheckFailed(f"demo data: no prebuilt shards ({DEMO_SHARDS}/_info.json is missing) and scikit-learn, "
+                          "which builds them, is not installed. Run `make gpu-wheels` (or `python -m data_tools demo "
+                          "data/demo`) on a machine with network and copy data/demo/shards along with the checkout")
+    run("demo data", [sys.executable, "-m", "data_tools", "demo", str(work / "data")])
+    return work / "data" / "shards"
+
+
 def an_image(shards: Path, out: Path) -> Path:
     """The first image of the demo's validation shards, as a file for ``finetune.predict``."""
     with tarfile.open(next(iter(sorted(shards.glob("val-*.tar"))))) as tar:
@@ -153,8 +173,7 @@ def check(work: Path) -> dict[str, Any]:
         summary["seconds"][name] = round(time.monotonic() - clock, 1)
         clock = time.monotonic()
 
-    run("demo data", [sys.executable, "-m", "data_tools", "demo", str(work / "data")])
-    shards = work / "data" / "shards"
+    shards = demo_shards(work)
     lap("data")
 
     zero2 = work / "pre_zero2"

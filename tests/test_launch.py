@@ -8,9 +8,11 @@ srun command, and clear refusals.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +190,29 @@ def test_gpu_check_refuses_without_a_gpu(tmp_path: Path) -> None:
     proc = _run([str(LAUNCH / "gpu_check.sh")], _env(CUDA_VISIBLE_DEVICES=""), tmp_path)
     assert proc.returncode == 2
     assert "no CUDA GPU visible" in proc.stderr and "make test" in proc.stderr
+
+
+def test_gpu_check_takes_prebuilt_demo_shards_or_names_the_fix(demo_shards: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU machine has no scikit-learn: gpu-check verifies and uses the shards ``make gpu-wheels`` built."""
+    spec = importlib.util.spec_from_file_location("gpu_check", LAUNCH / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "sklearn" else find_spec(name, *args))
+
+    monkeypatch.setattr(gpu_check, "DEMO_SHARDS", demo_shards)
+    assert gpu_check.demo_shards(tmp_path) == demo_shards
+    assert not (tmp_path / "data").exists()                       # nothing rebuilt
+
+    damaged = shutil.copytree(demo_shards, tmp_path / "damaged")
+    next(damaged.glob("train-*.tar")).unlink()
+    monkeypatch.setattr(gpu_check, "DEMO_SHARDS", damaged)
+    with pytest.raises(gpu_check.CheckFailed, match="verify the prebuilt shards"):
+        gpu_check.demo_shards(tmp_path)
+
+    monkeypatch.setattr(gpu_check, "DEMO_SHARDS", tmp_path / "absent")
+    with pytest.raises(gpu_check.CheckFailed,
+                       match="no prebuilt shards .* scikit-learn, which builds them, is not installed. Run `make gpu-wheels`"):
+        gpu_check.demo_shards(tmp_path)

@@ -340,6 +340,9 @@ def test_finetune_job_starts_from_the_pretraining_run(jobs: dict[str, Job]) -> N
 def test_srun_gives_each_task_its_cpus_and_ends_the_step_when_a_rank_dies(jobs: dict[str, Job]) -> None:
     job = jobs["killed"]
     assert job.signalled_at is not None, f"the run never trained, so no rank was killed:\n{job.text[-3000:]}"
+    # Only a cluster that binds tasks shows what srun got (without binding every task may use every CPU).
+    assert "task/affinity" in _sh("scontrol", "show", "config").stdout, "the cluster does not bind tasks: " \
+        "restart it with this checkout's launch/slurm_local.sh start"
     assert job.cpus == {0: KILLED_CPUS, 1: KILLED_CPUS}, job.cpus      # srun --cpus-per-task reached the tasks
     assert f"rank 0 may use {KILLED_CPUS} CPUs" in job.text            # and the trainer reports the same
     # srun itself ended the step because a task died (--kill-on-bad-exit=1). On gloo the survivor may also

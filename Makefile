@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vitscale-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean-demo
+.PHONY: install test demo clean-demo gpu-check gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,3 +40,21 @@ demo: $(STAMP) clean-demo
 
 clean-demo:
 	rm -rf $(DEMO_PRE) $(DEMO_FT) data/demo
+
+# One GPU, no network: NCCL + bf16 pretraining (ZeRO-2 kill/resume, ZeRO-3), finetune, predict and
+# the ViT-B/16 step benchmark; refuses without a GPU. Uses the machine's python (PYTHON=...), not
+# ./.venv, and installs ./wheels if present (header of launch/gpu_check.sh).
+gpu-check:
+	PYTHON=$(PYTHON) launch/gpu_check.sh
+
+# What gpu-check needs beyond torch/accelerate/timm, for a GPU machine's Python $(GPU_PY) on x86-64: wheels,
+# and the demo shards built here (building them there would take scikit-learn + scipy, about 50 MB of wheels).
+GPU_PY ?= 3.12
+GPU_WHEELS_PURE := deepspeed==0.19.8 webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 pydantic==2.14.4 \
+	annotated-types==0.8.0 typing-inspection==0.4.5
+GPU_WHEELS_BINARY := pydantic-core==2.50.5
+gpu-wheels: $(STAMP)
+	$(PYTHON) -m pip wheel --no-deps -w wheels $(GPU_WHEELS_PURE)
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version $(GPU_PY) \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d wheels $(GPU_WHEELS_BINARY)
+	$(PY) -m data_tools demo data/demo

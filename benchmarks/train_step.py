@@ -12,8 +12,10 @@ contender alike):
 * ``ours_engine``: the same model in our DeepSpeed engine (``pretrain.engine``, ZeRO-2, one
   process); ``engine_overhead`` = plain / engine (1.0 = no overhead).
 
-On a GPU the plain loops run under bf16 autocast and the engine in bf16, and MFU is
-reported from ``flops_per_image`` and the device's peak (``pretrain.metrics``).
+On a GPU the plain loops run under bf16 autocast and the engine in bf16, and MFU and HFU
+are reported from ``flops_per_image`` and the device's peak (``pretrain.metrics``; with
+``--grad-checkpointing`` all three recompute activations and HFU counts the extra forward);
+``"unknown"`` where the peak of the device is not known (``--peak-tflops`` sets it).
 The last line of output is one JSON object with every figure.
 """
 
@@ -33,7 +35,7 @@ from pretrain.config import Config
 from pretrain.distributed import DistEnv, init_distributed
 from pretrain.engine import build_engine, deepspeed_config
 from pretrain.flops import flops_per_image
-from pretrain.metrics import device_peak_tflops
+from pretrain.metrics import UNKNOWN, Throughput, device_peak_tflops
 from pretrain.model import build_vit
 
 
@@ -46,6 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU/HFU (default: table)")
     return parser.parse_args()
 
 
@@ -108,6 +112,8 @@ def main() -> None:
     ours = build_vit(args.variant, img_size=img, num_classes=args.num_classes).to(device)
     timm_model = timm_vit.VisionTransformer(**ours.config.timm_kwargs()).to(device)
     engine_model = build_vit(args.variant, img_size=img, num_classes=args.num_classes)
+    for model in (ours, timm_model, engine_model):
+        model.set_grad_checkpointing(args.grad_checkpointing)
     params = sum(p.numel() for p in ours.parameters())
     assert params == sum(p.numel() for p in timm_model.parameters()), "timm twin has another size"
 
@@ -124,15 +130,17 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if gpu else f"cpu x{torch.get_num_threads()} threads",
         "variant": args.variant, "img_size": img, "batch": batch, "params": params,
         "precision": cfg.deepspeed.precision, "zero_stage": cfg.deepspeed.zero_stage,
+        "grad_checkpointing": args.grad_checkpointing,
         **{f"{k}_images_per_s": round(v, 2) for k, v in best.items()},
         "ours_vs_timm": round(best["ours_plain"] / best["timm_plain"], 3),
         "engine_overhead": round(best["ours_plain"] / best["ours_engine"], 3),
     }
-    peak = device_peak_tflops(device)
-    if peak:
-        train_flops = 3 * flops_per_image(ours)
-        for key in ("ours_plain", "timm_plain", "ours_engine"):
-            result[f"{key}_mfu"] = round(best[key] * train_flops / (peak * 1e12), 4)
+    throughput = Throughput(flops_per_image(ours), 1, device_peak_tflops(device, args.peak_tflops),
+                            recompute=args.grad_checkpointing)
+    for key in ("ours_plain", "timm_plain", "ours_engine"):
+        figures = throughput.utilisation(best[key])
+        result[f"{key}_mfu"] = round(figures["perf/mfu"], 4) if figures else UNKNOWN
+        result[f"{key}_hfu"] = round(figures["perf/hfu"], 4) if figures else UNKNOWN
     print(json.dumps(result))
 
 

@@ -22,6 +22,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     with PreemptionFlag() as flag:
         args = parse_stage_args("python -m finetune", __doc__, "configs/finetune/demo.yaml", argv,
                                 overrides_help="init=PATH and section.key=value overrides (CLI > file > defaults)")
+        from pretrain.distributed import check_cpu_budget
+
         from .config import FinetuneConfig
         from .load import PretrainedLoadError
         from .train import check_config, train
@@ -31,6 +33,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return EXIT_CONFIG
         env, cfg = loaded
         setup_logging(env)
+        check_cpu_budget(env, cfg.data.num_workers)
         try:
             return train(cfg, flag)
         except PretrainedLoadError as exn:

@@ -19,10 +19,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
 from pretrain.config import ConfigError
 from pretrain.data import build_eval_stream
+from pretrain.distributed import single_process_device
 from pretrain.evaluate import evaluate_model
 from pretrain.transforms import BatchPreprocessor
 
@@ -59,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not data.eval_shards:
         print("error: the run has no data.eval_shards; pass --data SHARDS", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = single_process_device()
     model = finetuned.model.to(device)
     num_classes = model.num_classes
     try:

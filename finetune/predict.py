@@ -6,7 +6,8 @@ Usage::
 
 CHECKPOINT is anything ``finetune.export.load_finetuned`` accepts. Images get the
 run's eval transform (resize, center crop to the model's resolution) and
-normalisation, exactly as in ``finetune.evaluate``. Class names come from the
+normalisation, exactly as in ``finetune.evaluate``, and run on the first visible GPU
+if there is one (else the CPU). Class names come from the
 ``classes.json`` exported with the model (label indices when there is none).
 
 ``--attention-map OUT.png`` writes, per image, the model's input crop and its
@@ -25,6 +26,7 @@ import torch
 from PIL import Image
 
 from pretrain.config import ConfigError
+from pretrain.distributed import single_process_device
 from pretrain.transforms import BatchPreprocessor, CorruptImageError, build_eval_transform
 
 from .attention import attention_panel, predict_with_rollout
@@ -56,7 +58,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ConfigError) as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 2
-    model, data = finetuned.model, finetuned.cfg.data
+    device = single_process_device()
+    model, data = finetuned.model.to(device), finetuned.cfg.data
     transform = build_eval_transform(data, model.img_size)
     crops = []
     for path in args.images:
@@ -67,9 +70,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
     crops = torch.stack(crops)
     x, _ = BatchPreprocessor(data, model.num_classes)(crops, torch.zeros(len(crops), dtype=torch.int64),
-                                                      "cpu", train=False)
+                                                      device, train=False)
     logits, maps = predict_with_rollout(model, x)
-    probs = logits.float().softmax(dim=-1)
+    probs = logits.float().softmax(dim=-1).cpu()
     names = finetuned.class_names or [str(i) for i in range(model.num_classes)]
     top = probs.topk(min(args.top_k, model.num_classes), dim=-1)
     for i, path in enumerate(args.images):
@@ -79,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.attention_map:
             out = map_path(args.attention_map, path, many=len(args.images) > 1)
             out.parent.mkdir(parents=True, exist_ok=True)
-            attention_panel(Image.fromarray(crops[i].permute(1, 2, 0).numpy()), maps[i]).save(out)
+            attention_panel(Image.fromarray(crops[i].permute(1, 2, 0).numpy()), maps[i].cpu()).save(out)
             print(f"  attention map: {out}")
     return 0
 

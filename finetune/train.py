@@ -29,19 +29,20 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, set_seed
 from PIL import Image
 
 from data_tools.manifest import write_text_atomic
 from pretrain.checkpoint import CheckpointDir, check_shapes, param_shapes, save_collective
 from pretrain.config import config_to_dict, dump_config
 from pretrain.data import StreamPosition, TrainStream, build_eval_stream, build_train_stream
-from pretrain.distributed import DistEnv
+from pretrain.distributed import DistEnv, join
 from pretrain.engine import grad_accum_steps
 from pretrain.evaluate import EvalResult, evaluate_model
 from pretrain.flops import flops_per_image
 from pretrain.loss import LossFn, build_loss, target_kind
-from pretrain.metrics import MetricsWriter, Stopwatch, Throughput, console_line, device_peak_tflops, memory_gb
+from pretrain.metrics import (MetricsWriter, Stopwatch, Throughput, console_line, device_peak_tflops,
+                              finish_device_work, memory_gb)
 from pretrain.optim import build_optimizer, build_scheduler, check_training
 from pretrain.signals import EXIT_PREEMPTED, PreemptionFlag
 from pretrain.train import EXIT_NONFINITE, stop_requested, stopped_during_start_up
@@ -81,6 +82,8 @@ class Parts:
     accum: int
     clip: float
     """Gradient-norm clip; ``inf`` when disabled (the norm is still measured)."""
+    dtype: torch.dtype
+    """Input dtype the prepared model takes (see ``input_dtype``)."""
 
 
 # ------------------------------------------------------------------- setup
@@ -95,11 +98,12 @@ def check_config(cfg: FinetuneConfig, world_size: int) -> None:
 def join_job() -> DistEnv:
     """Read rank/world from torchrun, ``accelerate launch`` or SLURM, and export the ``env://`` set.
 
-    Under ``srun`` without torchrun only ``SLURM_*`` exists; Accelerate reads ``RANK``/``WORLD_SIZE``.
+    Under ``srun`` without torchrun only ``SLURM_*`` exists; Accelerate reads ``RANK``/``WORLD_SIZE`` and
+    ``LOCAL_RANK`` (as the GPU index, see ``DistEnv.export``).
     """
     env = DistEnv.from_env()
     if env.world_size > 1:
-        env.export()
+        join(env)
     return env
 
 
@@ -139,7 +143,23 @@ def setup(cfg: FinetuneConfig, env: DistEnv, resume_from: Optional[Path]) -> Par
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     preprocess = BatchPreprocessor(cfg.data, cfg.model.num_classes, target=target_kind(cfg.optim))
     return Parts(accelerator, model, optimizer, scheduler, preprocess, build_loss(cfg.optim), accum,
-                 cfg.optim.grad_clip or math.inf)
+                 cfg.optim.grad_clip or math.inf, input_dtype(accelerator, model))
+
+
+def input_dtype(accelerator: Accelerator, model: Any) -> torch.dtype:
+    """The dtype images must have for ``model`` as ``accelerator.prepare`` returned it.
+
+    Under the DeepSpeed plugin with ``mixed_precision`` bf16 (fp16), the model is a
+    ``DeepSpeedEngine`` that has cast its weights to bf16 (fp16) and runs no autocast,
+    so fp32 images fail in the first convolution: they are cast here. DDP and a single
+    process keep fp32 weights and run the forward under autocast, which takes fp32.
+    """
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if model.bfloat16_enabled():
+            return torch.bfloat16
+        if model.fp16_enabled():
+            return torch.float16
+    return torch.float32
 
 
 def restore(parts: Parts, checkpoint_path: Path, meta: dict[str, Any]) -> TrainerState:
@@ -165,7 +185,7 @@ def train_step(parts: Parts, stream: TrainStream, stopwatch: Stopwatch) -> tuple
         stopwatch.lap()
         images, labels = next(stream)
         data_time += stopwatch.lap()
-        x, target = parts.preprocess(images, labels, acc.device)
+        x, target = parts.preprocess(images, labels, acc.device, parts.dtype)
         with acc.accumulate(model):
             loss = parts.loss_fn(model(x), target)
             acc.backward(loss)
@@ -176,6 +196,7 @@ def train_step(parts: Parts, stream: TrainStream, stopwatch: Stopwatch) -> tuple
         parts.optimizer.step()
         parts.scheduler.step()
     parts.optimizer.zero_grad(set_to_none=True)
+    finish_device_work(acc.device)
     return torch.stack(losses).mean(), norm, data_time
 
 
@@ -202,13 +223,13 @@ def run_eval(parts: Parts, cfg: FinetuneConfig, env: DistEnv, step: int, writer:
     acc = parts.accelerator
     stream = build_eval_stream(cfg.data, img_size=cfg.model.img_size, rank=env.rank, world_size=env.world_size)
     result = evaluate_model(parts.model, stream, parts.preprocess, cfg.model.num_classes, cfg.model.img_size,
-                            acc.device, max_batches=cfg.eval.max_batches)
+                            acc.device, max_batches=cfg.eval.max_batches, dtype=parts.dtype)
     writer.write(step, result.scalars())
     # ZeRO-3 partitions the weights: the plain module cannot run a forward on one rank.
     if acc.is_main_process and cfg.accelerate.zero_stage != 3:
         images, labels = next(iter(stream))
         images, labels = images[:ATTENTION_IMAGES], labels[:ATTENTION_IMAGES]
-        x, _ = parts.preprocess(images, labels, acc.device, train=False)
+        x, _ = parts.preprocess(images, labels, acc.device, parts.dtype, train=False)
         model = acc.unwrap_model(parts.model)
         model.eval()
         _, maps = predict_with_rollout(model, x)
@@ -291,7 +312,7 @@ def start(cfg: FinetuneConfig, flag: PreemptionFlag) -> Run:
 
 def loop(run: Run) -> int:
     cfg, state, acc = run.cfg, run.state, run.parts.accelerator
-    if stopped_during_start_up(run.flag, acc.device, state.step):
+    if stopped_during_start_up(run.flag, state.step):
         return EXIT_PREEMPTED
     stopwatch, step_clock = Stopwatch(), Stopwatch()
     while state.step < cfg.schedule.total_steps:
@@ -309,7 +330,7 @@ def loop(run: Run) -> int:
         if cfg.data.eval_shards and every and state.step % every == 0 and state.step < cfg.schedule.total_steps:
             run_eval(run.parts, cfg, run.env, state.step, run.writer)
         # --- checkpoint; preemption (all ranks agree on the flag, so all stop after the same step)
-        stop = stop_requested(run.flag, acc.device)
+        stop = stop_requested(run.flag)
         if stop or (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0):
             saved = save(run.parts, cfg, state, run.ckdir)
             if stop:

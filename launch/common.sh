@@ -22,6 +22,17 @@
 # task. Each trainer finishes its optimizer step, all ranks save a checkpoint together and
 # exit 75 (EX_TEMPFAIL).
 #
+# srun options (see vs_srun_flags): --kill-on-bad-exit=1, so a rank that dies ends the step at
+# once instead of leaving the others blocked in a collective until its timeout;
+# --cpus-per-task=$SLURM_CPUS_PER_TASK, because since Slurm 22.05 srun no longer inherits it from
+# sbatch (each task would be pinned to one core, all its data-loader workers sharing it);
+# --cpu-bind=cores, each task on its own cores (with the default block distribution, local
+# ranks 0-3 land on the first socket, next to GPUs 0-3 on the usual 8-GPU nodes). GPUs: every
+# task sees all GPUs of its node and takes the one of its local rank, or, with SRUN_ARGS=
+# "--gpus-per-task=1 --gpu-bind=single:1", sees only its own (pretrain/distributed.py handles both).
+# Each trainer logs the CPUs it may use at start-up and warns when its data-loader workers
+# (plus itself) exceed them.
+#
 # Environment of the tasks:
 #   MASTER_ADDR   first host of the job's node list (`scontrol show hostnames`);
 #   MASTER_PORT   15000 + job id % 20000: jobs sharing a node do not collide, and every task
@@ -36,7 +47,7 @@
 # (pretrain/distributed.py), so a rank that dies makes the others fail instead of hanging.
 #
 # Variables read: PYTHON (interpreter with vitscale installed; default python3), DRY_RUN=1,
-# SRUN_ARGS (extra srun options, split on spaces).
+# SRUN_ARGS (extra srun options, split on spaces, given after ours so they win).
 
 EXIT_PREEMPTED=75
 EXIT_CONFIG=2
@@ -67,6 +78,12 @@ vs_export_env() {
   MASTER_PORT=$((15000 + job % 20000))
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
   export MASTER_ADDR MASTER_PORT OMP_NUM_THREADS PYTHONUNBUFFERED=1
+}
+
+# vs_srun_flags: the srun options every training step gets (see the header).
+vs_srun_flags() {
+  VS_SRUN_FLAGS=(--kill-on-bad-exit=1 --cpu-bind=cores)
+  [ -n "${SLURM_CPUS_PER_TASK:-}" ] && VS_SRUN_FLAGS+=("--cpus-per-task=$SLURM_CPUS_PER_TASK")
 }
 
 vs_log_header() {
@@ -131,7 +148,8 @@ vs_launch() {
     || { vs_log "invalid config: stopping before any training process starts (never requeued)"; exit "$EXIT_CONFIG"; }
 
   # shellcheck disable=SC2206  # SRUN_ARGS is split on spaces on purpose
-  local cmd=(srun ${SRUN_ARGS:-} "$PYTHON" -m "$stage" --config "$config" "$@")
+  vs_srun_flags
+  local cmd=(srun "${VS_SRUN_FLAGS[@]}" ${SRUN_ARGS:-} "$PYTHON" -m "$stage" --config "$config" "$@")
   if [ "${DRY_RUN:-0}" = 1 ]; then
     vs_log "DRY_RUN=1, would run:"
     printf '%q ' "${cmd[@]}"

@@ -7,7 +7,8 @@
 #   DRY_RUN=1 bash launch/finetune.sh CONFIG init=... [...]   # print the config and the srun command
 #
 # Command-line sbatch options override the #SBATCH defaults below (edit them for your
-# cluster). Keep --ntasks-per-node equal to the GPUs per node. GPU-less partitions:
+# cluster). Keep --ntasks-per-node equal to the GPUs per node, and --cpus-per-task above the
+# recipe's data.num_workers (the recipes use 10 for pretraining, 8 for finetuning). GPU-less partitions:
 # --gpus-per-node=0 and --ntasks-per-node=<processes>; each task then trains on CPU (gloo).
 # About 5 minutes before the time limit (--signal) every rank saves and exits 75, and the
 # job requeues itself and resumes from that checkpoint; a real error fails the job once.
@@ -18,7 +19,7 @@
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
-#SBATCH --cpus-per-task=8
+#SBATCH --cpus-per-task=12
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@300
 #SBATCH --open-mode=append

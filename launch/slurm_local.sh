@@ -14,6 +14,9 @@
 #   partition "multi": FAKE_NODES (default 2) extra slurmd daemons n1..nN on the same host
 #     (distinct ports), so `--nodes=2` jobs get distinct SLURM_NODEID / SLURMD_NODENAME.
 #     `127.0.0.1 nX` is added to /etc/hosts so the node names resolve (MASTER_ADDR).
+# Tasks are bound to their allocated cores (task/affinity), as on a production cluster, so that
+# the CPUs srun gives each task (--cpus-per-task, --cpu-bind) are visible to the tests; every fake
+# node maps its cores onto the same host CPUs.
 # State and logs live under SLURM_BASE (default /tmp/slurm-local); the config is
 # /etc/slurm/slurm.conf.  A slurm.conf that keeps its state elsewhere (a real cluster's) is
 # never overwritten.
@@ -71,7 +74,7 @@ AuthType=auth/munge
 AuthInfo=cred_expire=10
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill

@@ -20,14 +20,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     with PreemptionFlag() as flag:
         args = parse_stage_args("python -m pretrain", __doc__, "configs/pretrain/demo.yaml", argv)
         from pretrain.config import Config
-        from pretrain.distributed import init_distributed, shutdown_distributed
-        from pretrain.train import check_config, train
+        from pretrain.distributed import check_cpu_budget, init_distributed, shutdown_distributed
+        from pretrain.train import check_config, resume_point, train
 
         loaded = load_checked(args, Config, check_config)
         if loaded is None:
             return EXIT_CONFIG
         env, cfg = loaded
         setup_logging(env)
+        check_cpu_budget(env, cfg.data.num_workers)
+        resume_point(cfg, env)  # a world-size change converts the checkpoint before any collective can time out
         device = init_distributed(env)
         try:
             return train(cfg, env, device, flag)

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -41,6 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from data_tools.manifest import write_text_atomic
+from pretrain import collective
 
 log = logging.getLogger(__name__)
 
@@ -190,20 +193,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _all_ok(ok: bool) -> bool:
-    """True if ``ok`` on every rank."""
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-    dist.all_reduce(flag)
-    return int(flag.item()) == 0
-
-
 def save_collective(ckdir: CheckpointDir, step: int, write: Callable[[Path], None], meta: dict[str, Any],
                     keep_last: int) -> Optional[Checkpoint]:
     """Run ``write(step_dir)`` on every rank and commit only if every rank succeeded.
@@ -214,13 +203,13 @@ def save_collective(ckdir: CheckpointDir, step: int, write: Callable[[Path], Non
     rank = _rank()
     if rank == 0:
         ckdir.begin(step)
-    _barrier()
+    collective.barrier()
     error: Optional[OSError] = None
     try:
         write(ckdir.path(step))
     except OSError as exn:
         error = exn
-    if not _all_ok(error is None):
+    if not collective.all_true(error is None):
         if error is not None:
             log.error("rank %d: saving checkpoint %s failed: %s", rank, ckdir.path(step), error)
         if rank == 0:
@@ -229,14 +218,14 @@ def save_collective(ckdir: CheckpointDir, step: int, write: Callable[[Path], Non
             log.error("checkpoint %s was NOT saved (a rank failed to write it, e.g. a full disk); %s",
                       step_tag(step), f"the previous checkpoint {previous.path} is intact and stays latest"
                       if previous else "there is no earlier checkpoint")
-        _barrier()
+        collective.barrier()
         return None
     checkpoint = None
     if rank == 0:
         checkpoint = ckdir.commit(step, meta)
         for path in ckdir.purge(keep_last):
             log.info("removed old checkpoint %s", path)
-    _barrier()
+    collective.barrier()
     return checkpoint or ckdir.read(ckdir.path(step))
 
 
@@ -257,27 +246,57 @@ def universal_path(checkpoint: Checkpoint) -> Path:
     return checkpoint.path / UNIVERSAL
 
 
-def convert_to_universal(checkpoint: Checkpoint) -> Path:
-    """Rank 0 converts ``step_N`` to a universal checkpoint in ``step_N/universal`` (once); all ranks wait.
+POLL_S = 5.0
+
+
+def convert_to_universal(checkpoint: Checkpoint, rank: int, timeout_s: float, workers: int = 0) -> Path:
+    """Rank 0 converts ``step_N`` to a universal checkpoint in ``step_N/universal`` (once); the others wait.
 
     Needed to resume on a different number of processes: a ZeRO checkpoint's
     optimizer state is partitioned for the world size that wrote it.
+
+    Why the others wait on the file system and not in a collective: the conversion
+    reads every partition on one node and grows with the model and the old world
+    size (``benchmarks/universal_convert.py`` measures it); inside a barrier the
+    waiting ranks would hit the collective timeout. So this needs no process
+    group: ``python -m pretrain`` calls it before the group starts, and ranks poll
+    for ``universal/complete.json`` every few seconds, up to ``timeout_s``
+    (``deepspeed.universal_timeout_min``). If rank 0 fails, the launcher ends the
+    others (``srun --kill-on-bad-exit=1``, torchrun). ``workers``: parallel
+    extract/merge processes (0: the CPUs this process may use).
     """
     out = universal_path(checkpoint)
     done = out / MARKER
-    if _rank() == 0 and not done.is_file():
-        if out.exists():
-            shutil.rmtree(out)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint.path),
-               "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"converting {checkpoint.path} to a universal checkpoint failed "
-                               f"(exit {result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-        write_text_atomic(done, json.dumps({"source": checkpoint.tag}))
-    _barrier()
+    if done.is_file():
+        return out
+    if rank == 0:
+        _run_conversion(checkpoint, out, workers or len(os.sched_getaffinity(0)))
+        return out
+    deadline = time.monotonic() + timeout_s
+    while not done.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no universal checkpoint in {out} after {timeout_s / 60:.0f} min of waiting for rank 0 "
+                               "to convert it: raise deepspeed.universal_timeout_min, or convert it beforehand "
+                               "(see pretrain.checkpoint.convert_to_universal)")
+        time.sleep(POLL_S)
     return out
+
+
+def _run_conversion(checkpoint: Checkpoint, out: Path, workers: int) -> None:
+    """DeepSpeed's ``ds_to_universal`` in a subprocess, then the marker the waiting ranks look for."""
+    if out.exists():
+        shutil.rmtree(out)
+    start = time.monotonic()
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint.path),
+           "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", str(workers),
+           "--num_merge_workers", str(workers)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"converting {checkpoint.path} to a universal checkpoint failed "
+                           f"(exit {result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    seconds = time.monotonic() - start
+    log.info("converted %s to a universal checkpoint in %.1f s (%d workers)", checkpoint.path, seconds, workers)
+    write_text_atomic(out / MARKER, json.dumps({"source": checkpoint.tag, "seconds": round(seconds, 2)}))
 
 
 def load_deepspeed(engine: Any, checkpoint: Checkpoint, shapes: dict[str, list[int]],

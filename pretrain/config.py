@@ -177,6 +177,9 @@ class DeepSpeedConfig:
     """ZeRO-Offload of optimizer state to CPU memory (stages 1-3)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Raw DeepSpeed config entries merged last, for settings vitscale does not model."""
+    universal_timeout_min: float = 120.0
+    """Resuming on another world size: how long ranks wait for rank 0 to convert the checkpoint
+    to a universal one (``benchmarks/universal_convert.py`` measures the rate)."""
 
 
 @dataclass

@@ -11,6 +11,7 @@ touching the train loop. torchrun and the DeepSpeed launcher both export the
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -20,6 +21,8 @@ from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 29500
 SLURM_PORT_BASE = 15000
@@ -76,9 +79,17 @@ class DistEnv:
                              f"{self.world_size}; check the launcher's RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS")
         return self
 
-    def export(self) -> None:
-        """Write the ``env://`` variables, which DeepSpeed and torch read, for this process."""
-        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
+    def export(self, device: torch.device) -> None:
+        """Write the ``env://`` variables, which DeepSpeed, Accelerate and torch read, for this process.
+
+        ``LOCAL_RANK`` is exported as this process' GPU index (``device``), not its position
+        on the node: DeepSpeed (``DeepSpeedEngine._set_distributed_vars``: ``set_device(LOCAL_RANK)``)
+        and Accelerate (``PartialState``: ``barrier(device_ids=[LOCAL_RANK])``, DDP
+        ``device_ids=[LOCAL_RANK]``) use it as the device ordinal, which under one-GPU-per-task
+        binding is 0 for every task. On the CPU it stays the node-local rank.
+        """
+        local = device.index if device.type == "cuda" else self.local_rank
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(local),
                           MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port))
 
 
@@ -108,27 +119,85 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def gpu_index(local_rank: int, visible: int) -> int:
+    """This task's GPU among the ``visible`` ones (``CUDA_VISIBLE_DEVICES``).
+
+    Two layouts are common under SLURM: every task sees all GPUs of its node (the
+    default, and torchrun's), so task ``i`` takes GPU ``i``; or each task is bound to
+    its own GPU (``--gpus-per-task=1``, ``--gpu-bind=single:1``) and sees exactly one,
+    which is then device 0 whatever its local rank.
+    """
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise ValueError(
+        f"local rank {local_rank} sees {visible} GPUs (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): give every task all GPUs of its node or exactly one "
+        "(srun --gpus-per-task=1), and start no more tasks per node than GPUs")
+
+
 def device_for(env: DistEnv) -> torch.device:
-    """This process' device: its local GPU, or the CPU."""
+    """This process' device: its GPU (see ``gpu_index``), or the CPU when there is none."""
     if torch.cuda.is_available():
-        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", gpu_index(env.local_rank, torch.cuda.device_count()))
     return torch.device("cpu")
+
+
+def single_process_device() -> torch.device:
+    """The device of a one-process tool (evaluation, prediction): the first visible GPU, else the CPU."""
+    return device_for(DistEnv())
+
+
+def join(env: DistEnv) -> torch.device:
+    """Pick this process' device, make it current and export the ``env://`` set; no process group yet."""
+    device = device_for(env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    env.export(device)
+    return device
 
 
 def init_distributed(env: DistEnv, timeout_min: float = 30.0) -> torch.device:
     """Start the process group (NCCL on GPU, gloo on CPU) and return this process' device.
 
     The group is created here, not by DeepSpeed, so the backend choice is ours;
-    ``deepspeed.initialize`` then reuses it.
+    ``deepspeed.initialize`` then reuses it. Collectives of vitscale's own go through
+    ``pretrain.collective``, which keeps their tensors on the device NCCL needs.
     """
-    env.export()
-    device = device_for(env)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = join(env)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
                                 rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=timeout_min))
     return device
+
+
+def cpu_list(cpus: list[int]) -> str:
+    """``[0, 1, 2, 3, 8, 10, 11]`` -> ``0-3,8,10-11`` (the notation of taskset and Slurm)."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+
+def check_cpu_budget(env: DistEnv, num_workers: int) -> int:
+    """Log the CPUs this process may use and warn when its data-loader workers do not fit; returns the count.
+
+    Why: under ``srun`` without ``--cpus-per-task`` (not inherited from sbatch since Slurm
+    22.05) a task is pinned to one core, and all its decoding workers then share it:
+    throughput collapses without an error. The trainer itself needs a core too, so
+    ``num_workers + 1`` CPUs are wanted.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    log.info("rank %d may use %d CPUs (%s); data.num_workers=%d", env.rank, len(cpus), cpu_list(cpus), num_workers)
+    if num_workers + 1 > len(cpus):
+        log.warning("rank %d may use only %d CPUs (%s) but runs %d data-loader workers plus itself: give each task "
+                    "more CPUs (sbatch/srun --cpus-per-task=%d) or lower data.num_workers", env.rank, len(cpus),
+                    cpu_list(cpus), num_workers, num_workers + 1)
+    return len(cpus)
 
 
 def shutdown_distributed() -> None:

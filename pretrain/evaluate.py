@@ -7,7 +7,7 @@ seen, per class), all-reduced once at the end.
 
 The model is anything called as ``model(x)`` with ``train()``/``eval()``: a plain
 module, a DDP/Accelerate-wrapped one or a DeepSpeed engine; only torch and
-``torch.distributed`` are used here, so exported models evaluate without DeepSpeed.
+``pretrain.collective`` are used here, so exported models evaluate without DeepSpeed.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from pretrain import collective
 from pretrain.transforms import BatchPreprocessor
 
 TOP_K = 5
@@ -62,10 +62,6 @@ class EvalResult:
                 writer.writerow([index, name, correct, total, f"{correct / total:.6f}" if total else ""])
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 @torch.no_grad()
 def evaluate_model(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                    preprocess: BatchPreprocessor, num_classes: int, img_size: int, device: torch.device,
@@ -88,10 +84,8 @@ def evaluate_model(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
     index = 0
     while not max_batches or index < max_batches:
         batch = next(iterator, None)
-        if _distributed():
-            more = torch.tensor([int(batch is not None)], device=device)
-            dist.all_reduce(more)
-            if not more.item():
+        if collective.active():
+            if not collective.any_true(batch is not None):
                 break
         elif batch is None:
             break
@@ -105,8 +99,7 @@ def evaluate_model(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
             counts[1].index_add_(0, target, hit.any(dim=-1).long())
             counts[2].index_add_(0, target, torch.ones_like(target))
         index += 1
-    if _distributed():
-        dist.all_reduce(counts)
+    collective.sum_(counts)
     model.train(was_training)
     per_class = counts.cpu().tolist()
     return EvalResult(correct_top1=sum(per_class[0]), correct_top5=sum(per_class[1]), total=sum(per_class[2]),

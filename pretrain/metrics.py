@@ -1,13 +1,25 @@
-"""Training metrics: throughput, MFU, data wait, memory; TensorBoard, a JSONL log and a console line.
+"""Training metrics: throughput, MFU and HFU, data wait, memory; TensorBoard, a JSONL log and a console line.
 
 Why here and engine-agnostic: pretraining (DeepSpeed) and finetuning (Accelerate)
 report the same figures the same way. Only rank 0 writes; every rank measures.
 
-MFU = achieved model FLOP/s / peak FLOP/s, with achieved = 3 x forward FLOPs per
-image (backward = 2 x forward; 4 x with activation checkpointing, which recomputes
-the forward) x images/s per device. The peak is ``logging.peak_tflops`` or looked
-up from the device name in ``PEAK_TFLOPS`` (dense bf16/fp16 tensor-core figures
-from the vendors' datasheets); unknown devices (and CPUs) report no MFU.
+Utilisation, per device (PaLM appendix B):
+
+* ``perf/mfu`` (model FLOPs utilisation) counts the FLOPs the model needs: 3 x the
+  forward FLOPs per image (backward = 2 x forward), whatever the implementation does;
+* ``perf/hfu`` (hardware FLOPs utilisation) counts what the hardware runs: with
+  activation recomputation (``model.grad_checkpointing``) the forward runs twice,
+  4 x forward; without it HFU equals MFU.
+
+Both divide by the device's peak: ``logging.peak_tflops``, else ``PEAK_TFLOPS`` looked up
+by the exact device name ``torch.cuda.get_device_name`` reports. Names differ by a word
+between parts with very different peaks (H100 SXM vs PCIe vs NVL, L40 vs L40S vs L4),
+so a substring match gives wrong numbers: an unknown name (and a CPU) reports no MFU
+or HFU, and the run logs that the peak is unknown and how to set it.
+
+The step time a figure uses must end when the device has finished the step
+(``finish_device_work``): CUDA kernels run asynchronously, so a host clock read
+right after ``optimizer.step()`` stops before the update has run.
 """
 
 from __future__ import annotations
@@ -23,32 +35,43 @@ from typing import Any, Optional
 
 import torch
 
+log = logging.getLogger(__name__)
+
 PEAK_TFLOPS: dict[str, float] = {
-    "B200": 2250.0,
-    "H200": 989.0,
-    "GH200": 989.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "A10G": 70.0,
-    "A10": 125.0,
-    "L4": 121.0,
-    "V100": 125.0,
-    "MI300X": 1307.0,
-    "MI250X": 383.0,
+    "NVIDIA B200": 2250.0,
+    "NVIDIA H200": 989.4,
+    "NVIDIA H200 NVL": 835.5,
+    "NVIDIA GH200 480GB": 989.4,
+    "NVIDIA H100 80GB HBM3": 989.4,
+    "NVIDIA H100 PCIe": 756.5,
+    "NVIDIA H100 NVL": 835.5,
+    "NVIDIA H800": 989.4,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA L40S": 362.05,
+    "NVIDIA L40": 181.05,
+    "NVIDIA L4": 121.0,
+    "AMD Instinct MI300X": 1307.4,
 }
-"""Dense bf16 (fp16 for V100) peak TFLOP/s by device-name substring; the first match in this order wins."""
+"""Dense (no sparsity) bf16 tensor-core peak TFLOP/s from the vendors' datasheets, by exact device name."""
+
+UNKNOWN = "unknown"
 
 
 def device_peak_tflops(device: torch.device, override: Optional[float] = None) -> Optional[float]:
-    """Peak TFLOP/s of ``device`` from the config override or the table (None: unknown)."""
+    """Peak TFLOP/s of ``device`` from the config override or the table (None: unknown, logged once)."""
     if override is not None:
         return override
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+    peak = PEAK_TFLOPS.get(name.strip())
+    if peak is None:
+        log.warning("peak FLOP/s of device %r unknown: MFU and HFU are not reported; set logging.peak_tflops to its "
+                    "dense bf16 TFLOP/s to get them", name)
+    return peak
 
 
 def memory_gb(device: torch.device) -> float:
@@ -59,12 +82,19 @@ def memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
 
 
+def finish_device_work(device: torch.device) -> None:
+    """Wait until ``device`` has run everything queued (a no-op on the CPU): call before reading a step's clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Throughput:
     """Accumulates step and data-wait time between two ``report()`` calls."""
 
     def __init__(self, flops_per_image: float, world_size: int, peak_tflops: Optional[float],
                  recompute: bool = False) -> None:
-        self.train_flops_per_image = flops_per_image * (4 if recompute else 3)
+        self.model_flops_per_image = 3 * flops_per_image
+        self.hardware_flops_per_image = (4 if recompute else 3) * flops_per_image
         self.world_size = world_size
         self.peak_tflops = peak_tflops
         self.reset()
@@ -80,6 +110,14 @@ class Throughput:
         self.step_time += step_time
         self.data_time += data_time
 
+    def utilisation(self, images_per_s_per_device: float) -> dict[str, float]:
+        """``perf/mfu`` and ``perf/hfu`` at this rate; empty when the peak is unknown."""
+        if not self.peak_tflops:
+            return {}
+        peak = self.peak_tflops * 1e12
+        return {"perf/mfu": images_per_s_per_device * self.model_flops_per_image / peak,
+                "perf/hfu": images_per_s_per_device * self.hardware_flops_per_image / peak}
+
     def report(self) -> dict[str, float]:
         """Figures since the last report, then start a new window."""
         if self.step_time <= 0:
@@ -90,9 +128,8 @@ class Throughput:
             "perf/images_per_s": per_s,
             "perf/images_per_s_per_device": per_device,
             "perf/data_wait_frac": self.data_time / self.step_time,
+            **self.utilisation(per_device),
         }
-        if self.peak_tflops:
-            out["perf/mfu"] = per_device * self.train_flops_per_image / (self.peak_tflops * 1e12)
         self.reset()
         return out
 
@@ -148,7 +185,7 @@ def console_line(step: int, total: int, scalars: dict[str, float]) -> str:
     """Compact rank-0 progress line, e.g. ``step 120/500 loss 1.234 lr 3.0e-04 gnorm 0.91 img/s 830 ...``."""
     parts = [f"step {step}/{total}"]
     fields = [("train/loss", "loss", "{:.4f}"), ("train/lr", "lr", "{:.2e}"), ("train/grad_norm", "gnorm", "{:.3f}"),
-              ("perf/images_per_s", "img/s", "{:.0f}"), ("perf/mfu", "mfu", "{:.1%}"),
+              ("perf/images_per_s", "img/s", "{:.0f}"), ("perf/mfu", "mfu", "{:.1%}"), ("perf/hfu", "hfu", "{:.1%}"),
               ("perf/data_wait_frac", "data", "{:.0%}"), ("perf/mem_gb", "mem", "{:.1f}G"),
               ("train/nonfinite_steps", "nonfinite", "{:.0f}"), ("eval/top1", "top1", "{:.2%}"),
               ("eval/top5", "top5", "{:.2%}")]

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
-from pretrain.checkpoint import (Checkpoint, CheckpointDir, convert_to_universal, load_deepspeed, param_shapes,
-                                 save_deepspeed)
+from pretrain import collective
+from pretrain.checkpoint import (MARKER, Checkpoint, CheckpointDir, convert_to_universal, load_deepspeed,
+                                 param_shapes, save_deepspeed, universal_path)
 from pretrain.config import Config, config_to_dict, dump_config
 from pretrain.data import StreamPosition, build_eval_stream, build_train_stream
 from pretrain.distributed import DistEnv
@@ -33,7 +33,7 @@ from pretrain.engine import (build_engine, current_lr, deepspeed_config, grad_ac
 from pretrain.evaluate import evaluate_model
 from pretrain.flops import flops_per_image
 from pretrain.loss import build_loss, target_kind
-from pretrain.metrics import MetricsWriter, Throughput, console_line, device_peak_tflops, memory_gb
+from pretrain.metrics import MetricsWriter, Throughput, console_line, device_peak_tflops, finish_device_work, memory_gb
 from pretrain.model import build_vit
 from pretrain.optim import check_training
 from pretrain.signals import EXIT_PREEMPTED, PreemptionFlag
@@ -113,11 +113,27 @@ def _stream_position(cfg: Config, env: DistEnv, client: dict[str, Any], resized:
     return StreamPosition(epoch=epoch, batch=batch, lanes=saved.lanes)
 
 
+def resume_point(cfg: Config, env: DistEnv) -> tuple[Optional[Checkpoint], bool]:
+    """The checkpoint to resume from (None: scratch) and whether it was written on another world size.
+
+    After a world-size change its universal form is made here (rank 0 converts, the others
+    wait for it on the file system; no process group needed): ``python -m pretrain`` calls
+    this before the group starts, ``setup`` again (then it finds the conversion done).
+    """
+    latest = CheckpointDir(cfg.run.path / "checkpoints").find() if cfg.checkpoint.resume else None
+    resized = latest is not None and latest.world_size not in (None, env.world_size)
+    if resized:
+        if not (universal_path(latest) / MARKER).is_file():
+            log.info("checkpoint %s was written by %d processes, this run has %d: converting to a universal "
+                     "checkpoint", latest.path, latest.world_size, env.world_size)
+        convert_to_universal(latest, env.rank, cfg.deepspeed.universal_timeout_min * 60)
+    return latest, resized
+
+
 def setup(cfg: Config, env: DistEnv, device: torch.device, flag: PreemptionFlag) -> Run:
     run_dir = cfg.run.path
     ckdir = CheckpointDir(run_dir / "checkpoints")
-    latest: Optional[Checkpoint] = ckdir.find() if cfg.checkpoint.resume else None
-    resized = latest is not None and latest.world_size not in (None, env.world_size)
+    latest, resized = resume_point(cfg, env)
     grad_accum = grad_accum_steps(cfg, env.world_size)
 
     torch.manual_seed(cfg.run.seed)
@@ -131,10 +147,6 @@ def setup(cfg: Config, env: DistEnv, device: torch.device, flag: PreemptionFlag)
 
     state, client = TrainState(), {}
     if latest is not None:
-        if resized:
-            log.info("checkpoint %s was written by %d processes, this run has %d: converting to a universal "
-                     "checkpoint", latest.path, latest.world_size, env.world_size)
-            convert_to_universal(latest)
         client = load_deepspeed(engine, latest, shapes, universal=resized)
         state = TrainState(step=client["step"], samples=client["samples"],
                            nonfinite_total=client.get("nonfinite_total", 0))
@@ -167,9 +179,7 @@ def _agree(run: Run, loss_sum: torch.Tensor, nonfinite: int) -> tuple[float, boo
     """One all-reduce: mean loss over ranks and micro-batches, any non-finite, any stop signal."""
     totals = torch.stack([loss_sum.double(), torch.tensor(float(nonfinite), dtype=torch.float64, device=run.device),
                           torch.tensor(float(run.flag.requested), dtype=torch.float64, device=run.device)])
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    loss, bad, stop = totals.tolist()
+    loss, bad, stop = collective.sum_(totals).tolist()
     return loss / (run.grad_accum * run.env.world_size), bad > 0, stop > 0
 
 
@@ -192,6 +202,7 @@ def train_step(run: Run) -> StepResult:
             mean_loss, any_bad, stop = _agree(run, loss_sum, nonfinite)
             skip_step_if(engine, any_bad)
         engine.step()
+    finish_device_work(run.device)
     return StepResult(mean_loss if not any_bad else float("nan"), any_bad, stop, data_time,
                       time.perf_counter() - start)
 
@@ -279,22 +290,19 @@ def train(cfg: Config, env: DistEnv, device: torch.device, flag: Optional[Preemp
             run.stream.close()
 
 
-def stop_requested(flag: PreemptionFlag, device: torch.device) -> bool:
+def stop_requested(flag: PreemptionFlag) -> bool:
     """Whether any rank got a stop signal: one all-reduce, so every rank must call it at the same point."""
-    requested = torch.tensor([float(flag.requested)], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(requested)
-    return bool(requested.item())
+    return collective.any_true(flag.requested)
 
 
-def stopped_during_start_up(flag: PreemptionFlag, device: torch.device, step: int) -> bool:
+def stopped_during_start_up(flag: PreemptionFlag, step: int) -> bool:
     """Whether any rank got a stop signal before this process' first step (logged if so).
 
     The caller then exits ``EXIT_PREEMPTED`` without a checkpoint: nothing new happened
     since the one it resumed from (or it started from scratch), and the requeued run
     starts from there again.
     """
-    if not stop_requested(flag, device):
+    if not stop_requested(flag):
         return False
     log.warning("received %s during start-up: exiting with %d before step %d, without a checkpoint (the requeued "
                 "run resumes from the previous one)", flag.describe(), EXIT_PREEMPTED, step + 1)
@@ -303,7 +311,7 @@ def stopped_during_start_up(flag: PreemptionFlag, device: torch.device, step: in
 
 def _loop(run: Run) -> int:
     cfg, state = run.cfg, run.state
-    if stopped_during_start_up(run.flag, run.device, state.step):
+    if stopped_during_start_up(run.flag, state.step):
         return EXIT_PREEMPTED
     while state.step < cfg.schedule.total_steps:
         result = train_step(run)

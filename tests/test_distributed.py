@@ -1,10 +1,14 @@
-"""``DistEnv.from_env``: one reader for torchrun / DeepSpeed-launcher and SLURM variables."""
+"""``DistEnv.from_env``: one reader for torchrun / DeepSpeed-launcher and SLURM variables; GPU and CPU placement."""
 
 from __future__ import annotations
 
+import logging
+import os
+
 import pytest
 
-from pretrain.distributed import SLURM_PORT_BASE, SLURM_PORT_SPAN, DistEnv, first_host
+from pretrain.distributed import (SLURM_PORT_BASE, SLURM_PORT_SPAN, DistEnv, check_cpu_budget, cpu_list, device_for,
+                                  first_host)
 
 
 def test_torchrun_variables() -> None:
@@ -47,3 +51,71 @@ def test_single_process_gets_a_free_port() -> None:
 def test_bad_values_name_the_variable(environ: dict[str, str], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         DistEnv.from_env(environ)
+
+
+# ------------------------------------------------------------ GPU selection under SLURM
+
+
+@pytest.fixture
+def slurm_gpus(monkeypatch: pytest.MonkeyPatch):
+    """Set a SLURM task's environment with ``CUDA_VISIBLE_DEVICES``; torch's CUDA queries follow that variable.
+
+    This machine has no GPU, so ``torch.cuda.is_available`` / ``device_count`` are answered
+    from ``CUDA_VISIBLE_DEVICES`` as the CUDA runtime would (one device per listed entry).
+    """
+    import torch
+
+    def layout(local_rank: int, visible: str) -> DistEnv:
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            monkeypatch.setenv(key, "")  # recorded, so what export() writes is undone after the test
+            monkeypatch.delenv(key)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count",
+                            lambda: len(os.environ["CUDA_VISIBLE_DEVICES"].split(",")))
+        environ = {"SLURM_PROCID": str(8 + local_rank), "SLURM_NTASKS": "16", "SLURM_LOCALID": str(local_rank),
+                   "SLURM_JOB_NODELIST": "gpu-[01-02]", "SLURM_JOB_ID": "77"}
+        for key, value in environ.items():
+            monkeypatch.setenv(key, value)
+        return DistEnv.from_env()
+    return layout
+
+
+def test_task_bound_to_one_gpu_uses_device_0_and_exports_it_as_local_rank(slurm_gpus) -> None:
+    """``--gpus-per-task=1`` / ``--gpu-bind=single:1``: local rank 3 sees only its own GPU, as device 0."""
+    env = slurm_gpus(local_rank=3, visible="3")
+    device = device_for(env)
+    assert (device.type, device.index) == ("cuda", 0)
+    env.export(device)
+    # DeepSpeed and Accelerate call set_device(LOCAL_RANK): it must be a valid ordinal for this task.
+    assert (os.environ["LOCAL_RANK"], os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("0", "11", "16")
+
+
+def test_task_that_sees_all_gpus_takes_its_local_rank(slurm_gpus) -> None:
+    env = slurm_gpus(local_rank=3, visible="0,1,2,3,4,5,6,7")
+    device = device_for(env)
+    assert (device.type, device.index) == ("cuda", 3)
+    env.export(device)
+    assert os.environ["LOCAL_RANK"] == "3"
+
+
+def test_more_tasks_than_visible_gpus_is_refused_with_the_fix(slurm_gpus) -> None:
+    env = slurm_gpus(local_rank=5, visible="4,5")
+    with pytest.raises(ValueError, match=r"local rank 5 sees 2 GPUs \(CUDA_VISIBLE_DEVICES=4,5\).*--gpus-per-task=1"):
+        device_for(env)
+
+
+def test_cpu_budget_is_logged_and_too_many_workers_warned(caplog: pytest.LogCaptureFixture) -> None:
+    allowed = len(os.sched_getaffinity(0))
+    with caplog.at_level(logging.INFO, logger="pretrain.distributed"):
+        assert check_cpu_budget(DistEnv(), num_workers=allowed - 1) == allowed
+    assert f"may use {allowed} CPUs" in caplog.text and "lower data.num_workers" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pretrain.distributed"):
+        check_cpu_budget(DistEnv(), num_workers=allowed)
+    assert f"--cpus-per-task={allowed + 1}" in caplog.text and "lower data.num_workers" in caplog.text
+
+
+@pytest.mark.parametrize("cpus,text", [([0, 1, 2, 3, 8, 10, 11], "0-3,8,10-11"), ([5], "5"), ([], "")])
+def test_cpu_list_notation(cpus: list[int], text: str) -> None:
+    assert cpu_list(cpus) == text

@@ -8,9 +8,11 @@ srun command, and clear refusals.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +69,7 @@ def test_pretrain_dry_run_prints_resolved_config_deepspeed_config_and_srun(tmp_p
     overrides = [f"data.train_shards={data_dir}", f"data.eval_shards={data_dir}", "data.micro_batch_size=8",
                  "deepspeed.zero_stage=3", "run.name=dry"]
     proc = _run([str(LAUNCH / "pretrain.sh"), str(PRETRAIN_CFG), *overrides],
-                _env(DRY_RUN="1", SLURM_NTASKS="4"), tmp_path)
+                _env(DRY_RUN="1", SLURM_NTASKS="4", SLURM_CPUS_PER_TASK="12"), tmp_path)
     assert proc.returncode == 0, proc.stderr
     parts = _sections(proc.stdout)
     assert "tasks 4" in parts["head"]
@@ -82,7 +84,9 @@ def test_pretrain_dry_run_prints_resolved_config_deepspeed_config_and_srun(tmp_p
     assert ds["zero_optimization"]["stage"] == 3
 
     command = shlex.split(parts["command"].strip())
-    assert command == ["srun", sys.executable, "-m", "pretrain", "--config", str(PRETRAIN_CFG), *overrides]
+    # srun no longer inherits --cpus-per-task from sbatch (Slurm >= 22.05); a dead rank must end the step.
+    assert command == ["srun", "--kill-on-bad-exit=1", "--cpu-bind=cores", "--cpus-per-task=12", sys.executable, "-m",
+                       "pretrain", "--config", str(PRETRAIN_CFG), *overrides]
 
 
 def test_finetune_dry_run_prints_config_and_srun(tmp_path: Path, data_dir: Path) -> None:
@@ -97,7 +101,8 @@ def test_finetune_dry_run_prints_config_and_srun(tmp_path: Path, data_dir: Path)
     assert resolved["init"] == str(init) and resolved["model"]["img_size"] == 48
     assert "deepspeed" not in parts
     command = shlex.split(parts["command"].strip())
-    assert command[:4] == ["srun", sys.executable, "-m", "finetune"] and command[-3:] == overrides
+    assert command[:6] == ["srun", "--kill-on-bad-exit=1", "--cpu-bind=cores", sys.executable, "-m", "finetune"]
+    assert command[-3:] == overrides
 
 
 @pytest.mark.parametrize("override, message", [
@@ -178,3 +183,36 @@ def test_local_sh_stops_on_a_bad_config_before_starting_processes(tmp_path: Path
     assert proc.returncode == 2
     assert "did you mean 'depth'" in proc.stderr
     assert not record.exists()
+
+
+def test_gpu_check_refuses_without_a_gpu(tmp_path: Path) -> None:
+    """``make gpu-check`` on a machine without CUDA: a clear refusal, exit 2, nothing run."""
+    proc = _run([str(LAUNCH / "gpu_check.sh")], _env(CUDA_VISIBLE_DEVICES=""), tmp_path)
+    assert proc.returncode == 2
+    assert "no CUDA GPU visible" in proc.stderr and "make test" in proc.stderr
+
+
+def test_gpu_check_takes_prebuilt_demo_shards_or_names_the_fix(demo_shards: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU machine has no scikit-learn: gpu-check verifies and uses the shards ``make gpu-wheels`` built."""
+    spec = importlib.util.spec_from_file_location("gpu_check", LAUNCH / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "sklearn" else find_spec(name, *args))
+
+    monkeypatch.setattr(gpu_check, "DEMO_SHARDS", demo_shards)
+    assert gpu_check.demo_shards(tmp_path) == demo_shards
+    assert not (tmp_path / "data").exists()                       # nothing rebuilt
+
+    damaged = shutil.copytree(demo_shards, tmp_path / "damaged")
+    next(damaged.glob("train-*.tar")).unlink()
+    monkeypatch.setattr(gpu_check, "DEMO_SHARDS", damaged)
+    with pytest.raises(gpu_check.CheckFailed, match="verify the prebuilt shards"):
+        gpu_check.demo_shards(tmp_path)
+
+    monkeypatch.setattr(gpu_check, "DEMO_SHARDS", tmp_path / "absent")
+    with pytest.raises(gpu_check.CheckFailed,
+                       match="no prebuilt shards .* scikit-learn, which builds them, is not installed. Run `make gpu-wheels`"):
+        gpu_check.demo_shards(tmp_path)

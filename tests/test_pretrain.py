@@ -221,9 +221,39 @@ def test_throughput_and_mfu() -> None:
     out = meter.report()
     assert out["perf/images_per_s"] == 400 and out["perf/images_per_s_per_device"] == 100
     assert out["perf/data_wait_frac"] == 0.125
-    assert out["perf/mfu"] == pytest.approx(100 * 3e9 / 100e12)
+    assert out["perf/mfu"] == out["perf/hfu"] == pytest.approx(100 * 3e9 / 100e12)
     assert meter.report() == {}
-    assert "mfu" not in Throughput(1e9, 1, None).report()
+    unknown = Throughput(1e9, 1, None)
+    unknown.add(images=10, step_time=1.0, data_time=0.0)
+    assert {"perf/mfu", "perf/hfu"}.isdisjoint(unknown.report())
+
+
+def test_recomputation_raises_hfu_not_mfu() -> None:
+    """Activation recomputation runs the forward twice: the hardware does 4x forward FLOPs, the model needs 3x."""
+    meter = Throughput(flops_per_image=1e9, world_size=1, peak_tflops=100.0, recompute=True)
+    meter.add(images=100, step_time=1.0, data_time=0.0)
+    out = meter.report()
+    assert out["perf/mfu"] == pytest.approx(100 * 3e9 / 100e12)
+    assert out["perf/hfu"] == pytest.approx(100 * 4e9 / 100e12)
+
+
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.5), ("NVIDIA H100 NVL", 835.5),
+    ("NVIDIA L40", 181.05), ("NVIDIA L40S", 362.05), ("NVIDIA L4", 121.0),
+    ("NVIDIA H800 PCIe", None), ("NVIDIA H20", None), ("NVIDIA L40G", None), ("Some Future GPU", None),
+])
+def test_peak_is_looked_up_by_exact_device_name(name: str, peak, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A substring match gave the H100 SXM's peak to an H100 NVL and the L4's to an L40; an unknown name
+    reports no MFU (and says how to set the peak) rather than a wrong one; the config override wins."""
+    from pretrain.metrics import device_peak_tflops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    gpu = torch.device("cuda", 0)
+    assert device_peak_tflops(gpu) == peak
+    assert ("set logging.peak_tflops" in caplog.text) == (peak is None)
+    assert device_peak_tflops(gpu, override=123.0) == 123.0
+    assert device_peak_tflops(torch.device("cpu")) is None
 
 
 def test_metrics_writer_tensorboard_and_jsonl(tmp_path: Path) -> None:
@@ -320,3 +350,28 @@ def test_signal_during_start_up_exits_75_without_a_checkpoint(demo_shards: Path,
     assert CheckpointDir(run_dir / "checkpoints").find() is None
     metrics = run_dir / "metrics.jsonl"
     assert not metrics.exists() or "train/loss" not in metrics.read_text()
+
+
+def test_ranks_wait_for_the_universal_conversion_on_the_file_system(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 converts while the others poll for its marker (no collective, so no collective timeout);
+    a conversion that never finishes ends the wait with the setting to raise."""
+    import threading
+
+    import pretrain.checkpoint as checkpoint_module
+    from pretrain.checkpoint import MARKER, convert_to_universal, universal_path
+
+    monkeypatch.setattr(checkpoint_module, "POLL_S", 0.01)
+    checkpoint = CheckpointDir(tmp_path).read(_fake_checkpoint(CheckpointDir(tmp_path), 4))
+    with pytest.raises(TimeoutError, match="deepspeed.universal_timeout_min"):
+        convert_to_universal(checkpoint, rank=1, timeout_s=0.05)
+    out = universal_path(checkpoint)
+
+    def rank0_finishes() -> None:
+        out.mkdir()
+        (out / MARKER).write_text("{}")
+
+    timer = threading.Timer(0.1, rank0_finishes)
+    timer.start()
+    assert convert_to_universal(checkpoint, rank=3, timeout_s=30) == out
+    timer.join()

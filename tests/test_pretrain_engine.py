@@ -1,4 +1,4 @@
-"""The train loop in this process (1 rank, gloo): non-finite losses and a full disk during a save."""
+"""The train loop in this process (1 rank, gloo): non-finite losses, a full disk during a save, collective devices."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pretrain.train as train_module
+from pretrain import collective
 from pretrain.checkpoint import CheckpointDir
 from pretrain.config import load_config
 from pretrain.distributed import DistEnv, init_distributed, shutdown_distributed
@@ -109,3 +110,59 @@ def test_checkpoint_of_another_model_shape_names_the_parameters(process_group, d
         train(wider, env, device)
     assert "blocks.0.mlp.fc1.weight: checkpoint [384, 96] vs model [192, 96]" in str(err.value)
     assert "blocks.1.attn.qkv.weight: only in the model" in str(err.value)
+
+
+@pytest.fixture
+def collectives_on_device(monkeypatch: pytest.MonkeyPatch):
+    """Wrap torch.distributed's collectives: each call fails unless all its tensors are on ``expected[0]``.
+
+    NCCL takes tensors on the process' GPU only; this fixture holds every collective of a
+    run (vitscale's and DeepSpeed's) to the same rule against the engine's device. Returns
+    ``(expected, calls)``: set ``expected[0]`` to the engine's device; ``calls`` counts by name.
+    """
+    import torch.distributed as dist
+
+    from test_collective import COLLECTIVES
+
+    expected: list[torch.device] = [torch.device("cpu")]
+    calls: dict[str, int] = {}
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from tensors(item)
+
+    def checked(name, real):
+        def call(*args, **kwargs):
+            for tensor in tensors([*args, *kwargs.values()]):
+                assert tensor.device == expected[0], \
+                    f"torch.distributed.{name} got a tensor on {tensor.device}; the engine is on {expected[0]}"
+            calls[name] = calls.get(name, 0) + 1
+            return real(*args, **kwargs)
+        return call
+
+    for name in COLLECTIVES:
+        if hasattr(dist, name):
+            monkeypatch.setattr(dist, name, checked(name, getattr(dist, name)))
+    return expected, calls
+
+
+def test_every_collective_of_a_run_gets_tensors_on_the_engine_device(process_group, collectives_on_device,
+                                                                      demo_shards: Path, tmp_path: Path) -> None:
+    """Steps (loss/flag agreement), evaluation counts, the stop flag and checkpoint saves (ZeRO-3, whose
+    engine issues collectives too) all pass their tensors on the engine's device."""
+    env, device = process_group
+    expected, calls = collectives_on_device
+    expected[0] = device
+    cfg = tiny_config(tmp_path / "run", demo_shards, "deepspeed.zero_stage=3", "schedule.total_steps=2",
+                      "checkpoint.every_steps=1", f"data.eval_shards={demo_shards}", "eval.every_steps=1",
+                      "eval.max_batches=2")
+    assert train(cfg, env, device) == 0
+    # 2 steps x 1 agreement + 1 start-up stop flag + 2 saves x 1 agreement + eval batches and counts, at least.
+    assert calls.get("all_reduce", 0) >= 2 + 1 + 2 + 2 and calls.get("barrier", 0) >= 2 * 3, calls
+    # The guard itself: a tensor elsewhere than the engine's device fails the collective.
+    expected[0] = torch.device("meta")
+    with pytest.raises(AssertionError, match="got a tensor on cpu; the engine is on meta"):
+        collective.any_true(True)

@@ -1,6 +1,7 @@
-"""The sbatch launchers on a real SLURM (``launch/slurm_local.sh``): run, preempt + requeue, fail once, finetune.
+"""The sbatch launchers on a real SLURM (``launch/slurm_local.sh``): run, preempt + requeue, fail once, finetune,
+and the srun flags seen on running tasks.
 
-Five jobs of the tiny demo recipes share the cluster at once (one module fixture,
+Six jobs of the tiny demo recipes share the cluster at once (one module fixture,
 so the whole file costs about one job's restart cycle), each submitted with
 ``sbatch --wait`` and each in its own run directory:
 
@@ -12,7 +13,11 @@ so the whole file costs about one job's restart cycle), each submitted with
   step must appear exactly once with the loss the uninterrupted run logged;
 * ``broken``: a data path that does not exist; the trainer exits 2 and the job
   must fail once, with the error in its log, and never restart;
-* ``finetune``: ``launch/finetune.sh`` from the ``debug`` run (``--dependency=afterok``).
+* ``finetune``: ``launch/finetune.sh`` from the ``debug`` run (``--dependency=afterok``);
+* ``killed``: like ``multi`` but with ``--cpus-per-task=2``; once it trains, the test reads each
+  task's CPU affinity (it must be 2: srun got ``--cpus-per-task``, which it no longer inherits from
+  sbatch) and SIGKILLs rank 1; srun must then end the whole step (``--kill-on-bad-exit=1``) and the
+  job must fail at once, never requeued.
 
 Apart from those, ``launch/convert.sh`` converts a tiny ImageFolder as a 3-task array plus
 the merge job its first task submits, and, with one part left out, the merge must fail naming
@@ -25,9 +30,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -50,6 +57,14 @@ FINETUNE_STEPS = 6
 JOB_TIMEOUT_S = 900
 STEP_LINE = re.compile(r"\[rank 0\] step (\d+)/(\d+) loss ([0-9.]+)")
 START_LINE = re.compile(r"vitscale (?:pretrain|finetune): job (\d+), restart (\d+)")
+KILLED_STEPS = 10_000
+"""Far more than the ``killed`` job can run before the test kills a rank (it must not finish on its own)."""
+KILLED_CPUS = 2
+"""``--cpus-per-task`` of the ``killed`` job: all CPUs of a node of the local cluster, and more than the 1 CPU
+per task that srun gives without the flag, so the affinity shows whether srun got it."""
+PROMPT_END_S = 300
+"""A step whose rank died must end within this (seen: 8 s on a loaded 2-core machine); the alternative is
+blocking until the 30-minute collective timeout (pretrain/distributed.py)."""
 LOSS_TOLERANCE = 2e-3
 """Resumed and uninterrupted runs agree to float-summation noise; a shifted or repeated batch
 moves the loss by far more (consecutive demo losses differ by 0.01-0.1)."""
@@ -107,7 +122,11 @@ class Job:
     returncode: Optional[int] = None
     state: str = ""
     """``scontrol show job`` right after the job ended (SLURM forgets jobs a few minutes later)."""
-    signalled: bool = False
+    signalled_at: Optional[float] = None
+    """``time.monotonic()`` when the test signalled the job (preempted it or killed a rank)."""
+    ended_at: Optional[float] = None
+    cpus: dict[int, int] = dataclasses.field(default_factory=dict)
+    """Rank -> number of CPUs its process may use, read while the job ran (``killed`` only)."""
 
     @property
     def text(self) -> str:
@@ -136,7 +155,7 @@ def _job_name(name: str) -> str:
 
 def _submit(name: str, root: Path, shards: Path, partition: str, nodes: int, tasks_per_node: int,
             extra: tuple[str, ...] = (), stage: tuple[Path, Path] = PRETRAIN, steps: int = STEPS,
-            sbatch_args: tuple[str, ...] = ()) -> Job:
+            sbatch_args: tuple[str, ...] = (), cpus_per_task: int = 1) -> Job:
     run_dir, log = root / name, root / f"{name}.log"
     overrides = [f"data.train_shards={shards}", f"data.eval_shards={shards}", f"run.dir={run_dir}",
                  f"schedule.total_steps={steps}", "schedule.warmup_steps=2",
@@ -145,8 +164,8 @@ def _submit(name: str, root: Path, shards: Path, partition: str, nodes: int, tas
     script, config = stage
     command = ["sbatch", "--wait", f"--job-name={_job_name(name)}", f"--partition={partition}",
                f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--gpus-per-node=0",
-               "--cpus-per-task=1", f"--output={log}", f"--chdir={root}", *sbatch_args, str(script), str(config),
-               *overrides]
+               f"--cpus-per-task={cpus_per_task}", f"--output={log}", f"--chdir={root}", *sbatch_args, str(script),
+               str(config), *overrides]
     env = {**os.environ, "PYTHON": sys.executable}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return Job(name=name, run_dir=run_dir, log=log, proc=proc)
@@ -164,14 +183,59 @@ def _queued_id(name: str) -> str:
 
 def _maybe_preempt(job: Job) -> None:
     """Send USR1 to the batch shell once the run has a complete checkpoint (training is under way)."""
-    if job.signalled or job.returncode is not None:
+    if job.signalled_at is not None or job.returncode is not None:
         return
     latest = CheckpointDir(job.run_dir / "checkpoints").find()
     job_id = job.job_id()
     if latest is not None and job_id is not None:
         proc = _sh("scancel", "--signal=USR1", "--batch", job_id)
         assert proc.returncode == 0, proc.stderr
-        job.signalled = True
+        job.signalled_at = time.monotonic()
+
+
+def _environ(pid: str) -> dict[str, str]:
+    """The environment of process ``pid`` (empty when it is gone or not readable)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def _task_pids(job_id: str) -> dict[int, int]:
+    """Rank -> pid of the tasks of step 0 of job ``job_id`` on this host (all fake nodes run here).
+
+    A task is the process slurmstepd started with ``SLURM_STEP_ID=0``; its data-loader workers
+    inherit the environment but their parent is the task.
+    """
+    pids: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        env = _environ(proc.name) if proc.name.isdigit() else {}
+        if env.get("SLURM_JOB_ID") != job_id or env.get("SLURM_STEP_ID") != "0":
+            continue
+        try:
+            parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            parent_name = Path(f"/proc/{parent}/comm").read_text().strip()
+        except (OSError, IndexError):
+            continue
+        if parent_name == "slurmstepd":
+            pids[int(env["SLURM_PROCID"])] = int(proc.name)
+    return pids
+
+
+def _maybe_kill_rank(job: Job, world: int = 2) -> None:
+    """Once the run trains (a step is logged), read every task's CPU affinity and SIGKILL rank 1."""
+    if job.signalled_at is not None or job.returncode is not None:
+        return
+    job_id = job.job_id()
+    if job_id is None or not job.steps():
+        return
+    pids = _task_pids(job_id)
+    if len(pids) < world:
+        return
+    job.cpus = {rank: len(os.sched_getaffinity(pid)) for rank, pid in pids.items()}
+    os.kill(pids[1], signal.SIGKILL)
+    job.signalled_at = time.monotonic()
 
 
 @pytest.fixture(scope="module")
@@ -187,14 +251,17 @@ def jobs(slurm_cluster, demo_shards: Path, tmp_path_factory: pytest.TempPathFact
     submitted["finetune"] = _submit("finetune", root, demo_shards, "debug", 1, 2, stage=FINETUNE,
                                     steps=FINETUNE_STEPS, extra=(f"init={root / 'debug'}",),
                                     sbatch_args=(f"--dependency=afterok:{_queued_id('debug')}",))
+    submitted["killed"] = _submit("killed", root, demo_shards, "multi", 2, 1, steps=KILLED_STEPS,
+                                  cpus_per_task=KILLED_CPUS)
     deadline = time.monotonic() + JOB_TIMEOUT_S
     try:
         while any(job.returncode is None for job in submitted.values()):
             assert time.monotonic() < deadline, f"SLURM jobs still running after {JOB_TIMEOUT_S} s"
             _maybe_preempt(submitted["preempt"])
+            _maybe_kill_rank(submitted["killed"])
             for job in submitted.values():
                 if job.returncode is None and job.proc.poll() is not None:
-                    job.returncode = job.proc.returncode
+                    job.returncode, job.ended_at = job.proc.returncode, time.monotonic()
                     job.state = _sh("scontrol", "show", "job", job.job_id() or "0").stdout
             time.sleep(0.5)
     finally:
@@ -234,7 +301,7 @@ def test_multi_partition_two_nodes_one_task_each(jobs: dict[str, Job]) -> None:
 
 def test_preempted_job_saves_requeues_resumes_and_finishes(jobs: dict[str, Job]) -> None:
     job = jobs["preempt"]
-    assert job.signalled, "the run never wrote a checkpoint, so it was never signalled"
+    assert job.signalled_at is not None, "the run never wrote a checkpoint, so it was never signalled"
     _assert_completed(job)
     assert "received USR1" in job.text and "requeueing job" in job.text
     assert job.starts() == [0, 1], job.starts()          # restarted once, with SLURM_RESTART_COUNT=1
@@ -268,6 +335,22 @@ def test_finetune_job_starts_from_the_pretraining_run(jobs: dict[str, Job]) -> N
     _assert_completed(job, FINETUNE_STEPS)
     assert str(jobs["debug"].run_dir) in job.text and job.starts() == [0]
     assert [step for step, _ in job.steps()] == list(range(1, FINETUNE_STEPS + 1))
+
+
+def test_srun_gives_each_task_its_cpus_and_ends_the_step_when_a_rank_dies(jobs: dict[str, Job]) -> None:
+    job = jobs["killed"]
+    assert job.signalled_at is not None, f"the run never trained, so no rank was killed:\n{job.text[-3000:]}"
+    # Only a cluster that binds tasks shows what srun got (without binding every task may use every CPU).
+    assert "task/affinity" in _sh("scontrol", "show", "config").stdout, "the cluster does not bind tasks: " \
+        "restart it with this checkout's launch/slurm_local.sh start"
+    assert job.cpus == {0: KILLED_CPUS, 1: KILLED_CPUS}, job.cpus      # srun --cpus-per-task reached the tasks
+    assert f"rank 0 may use {KILLED_CPUS} CPUs" in job.text            # and the trainer reports the same
+    # srun itself ended the step because a task died (--kill-on-bad-exit=1). On gloo the survivor may also
+    # fail on its own (the dead peer's sockets close), so the srun line is what shows the flag worked.
+    assert f"Terminating StepId={job.job_id()}.0" in job.text, job.text[-3000:]
+    assert job.ended_at - job.signalled_at < PROMPT_END_S
+    assert job.returncode != 0 and job.field("JobState") == "FAILED" and job.field("Restarts") == "0"
+    assert "not requeued" in job.text and job.starts() == [0]
 
 
 def _wait_until_gone(job_id: str, timeout: float) -> None:

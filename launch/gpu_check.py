@@ -1,0 +1,238 @@
+"""The one-GPU check behind ``make gpu-check`` (started by ``launch/gpu_check.sh``; read its header).
+
+Steps, each a separate process as a user would run it; any failure stops the check with the
+step's name and the tail of its output, exit status 1:
+
+1. the demo shards: ``data/demo/shards`` as built beforehand by ``make gpu-wheels`` (checked with
+   ``data_tools verify``), else built now, which needs scikit-learn;
+2. demo pretraining, NCCL (one rank), bf16, ZeRO-2, a checkpoint every 10 steps; SIGKILL of the
+   whole process group once a checkpoint is complete and a later step was logged; the same
+   command again resumes. The first step after the checkpoint is computed from the saved weights,
+   data position and RNG in both runs: its loss must be bit-identical; the following steps run
+   through non-deterministic GPU backward kernels (SDPA), so they must agree within 2e-3;
+3. demo pretraining in bf16 with ZeRO-3 (and its checkpoint);
+4. export of the ZeRO-2 run; finetuning in bf16 (Accelerate DDP + autocast) at 2x the
+   pretraining resolution (32 -> 64 px, pos-embed 8x8 -> 16x16); evaluation;
+5. ``finetune.predict`` on the GPU;
+6. ``benchmarks/train_step.py`` for ViT-B/16 at 224 in bf16 (img/s, MFU, HFU), without and with
+   activation recomputation.
+
+The last line is one JSON object with every figure. Budget: 8 minutes on one H100.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN_CFG = REPO / "configs" / "pretrain" / "demo.yaml"
+FINETUNE_CFG = REPO / "configs" / "finetune" / "demo.yaml"
+DEMO_SHARDS = REPO / "data" / "demo" / "shards"
+STEPS, EVERY = 50, 10
+RESUME_TOLERANCE = 2e-3
+
+
+class CheckFailed(RuntimeError):
+    """A step of the check failed."""
+
+
+def run(step: str, args: list[str], timeout: float = 300, **kwargs: Any) -> str:
+    """Run ``args``; its output, or ``CheckFailed`` naming ``step`` with the output's tail."""
+    print(f"== {step}: {' '.join(args)}", flush=True)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO, **kwargs)
+    if proc.returncode != 0:
+        raise CheckFailed(f"{step}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc.stdout
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", *args]
+
+
+def segments(run_dir: Path) -> list[dict[int, float]]:
+    """Step -> loss of each process run in ``metrics.jsonl`` (a new segment starts where the step goes back)."""
+    out: list[dict[int, float]] = []
+    last = None
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "train/loss" not in record:
+            continue
+        if last is None or record["step"] <= last:
+            out.append({})
+        out[-1][record["step"]] = record["train/loss"]
+        last = record["step"]
+    return out
+
+
+def pretrain_args(run_dir: Path, shards: Path, stage: int) -> list[str]:
+    return torchrun("-m", "pretrain", "--config", str(PRETRAIN_CFG), f"run.dir={run_dir}",
+                    f"data.train_shards={shards}", f"data.eval_shards={shards}", "data.num_workers=4",
+                    f"deepspeed.zero_stage={stage}", "deepspeed.precision=bf16", f"schedule.total_steps={STEPS}",
+                    "schedule.warmup_steps=5", f"checkpoint.every_steps={EVERY}", "logging.every_steps=1",
+                    "eval.every_steps=0")
+
+
+def kill_after_checkpoint(args: list[str], run_dir: Path, timeout: float = 300) -> int:
+    """Start ``args``; SIGKILL its process group once a checkpoint exists and a later step was logged."""
+    from pretrain.checkpoint import CheckpointDir
+
+    print(f"== pretrain ZeRO-2 (to be killed): {' '.join(args)}", flush=True)
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            latest = CheckpointDir(run_dir / "checkpoints").find()
+            logged = segments(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+            if latest is not None and logged and max(logged[-1]) > latest.step:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return latest.step
+            if proc.poll() is not None:
+                raise CheckFailed(f"pretrain ZeRO-2 ended (exit {proc.returncode}) before it could be killed:\n"
+                                  f"{proc.stdout.read()[-5000:]}")
+            time.sleep(0.2)
+        raise CheckFailed("pretrain ZeRO-2: no checkpoint within the time limit")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def compare_resume(run_dir: Path, saved_step: int) -> dict[str, Any]:
+    """The resumed run's losses against those the killed run logged for the same steps."""
+    parts = segments(run_dir)
+    if len(parts) != 2:
+        raise CheckFailed(f"resume: expected 2 runs in {run_dir}/metrics.jsonl, found {len(parts)}")
+    killed, resumed = parts
+    if min(resumed) != saved_step + 1 or max(resumed) != STEPS:
+        raise CheckFailed(f"resume: the rerun logged steps {min(resumed)}..{max(resumed)}, expected "
+                          f"{saved_step + 1}..{STEPS} (checkpoint {saved_step})")
+    shared = sorted(set(killed) & set(resumed))
+    diffs = [abs(killed[s] - resumed[s]) for s in shared]
+    first = shared[0]
+    if killed[first] != resumed[first]:
+        raise CheckFailed(f"resume: step {first} loss {resumed[first]!r} after resuming, {killed[first]!r} before: "
+                          "the checkpoint did not restore weights, data position or RNG exactly")
+    if max(diffs) > RESUME_TOLERANCE:
+        raise CheckFailed(f"resume: losses differ by up to {max(diffs):.2e} over steps {shared}")
+    return {"checkpoint_step": saved_step, "steps_compared": len(shared), "first_step_identical": True,
+            "max_abs_loss_diff": max(diffs)}
+
+
+def demo_shards(work: Path) -> Path:
+    """The demo shards: those ``make gpu-wheels`` built in ``data/demo`` if present, else new ones under ``work``.
+
+    Why prebuilt: the demo images come from scikit-learn's bundled digits, and scikit-learn with
+    scipy is about 50 MB of wheels a GPU machine without network would need only for this.
+    """
+    if (DEMO_SHARDS / "_info.json").is_file():
+        run("demo data: verify the prebuilt shards", [sys.executable, "-m", "data_tools", "verify", str(DEMO_SHARDS)])
+        return DEMO_SHARDS
+    if importlib.util.find_spec("sklearn") is None:
+        raise CheckFailed(f"demo data: no prebuilt shards ({DEMO_SHARDS}/_info.json is missing) and scikit-learn, "
+                          "which builds them, is not installed. Run `make gpu-wheels` (or `python -m data_tools demo "
+                          "data/demo`) on a machine with network and copy data/demo/shards along with the checkout")
+    run("demo data", [sys.executable, "-m", "data_tools", "demo", str(work / "data")])
+    return work / "data" / "shards"
+
+
+def an_image(shards: Path, out: Path) -> Path:
+    """The first image of the demo's validation shards, as a file for ``finetune.predict``."""
+    with tarfile.open(next(iter(sorted(shards.glob("val-*.tar"))))) as tar:
+        member = next(m for m in tar.getmembers() if m.name.rsplit(".", 1)[-1] in ("png", "jpg", "webp"))
+        path = out / Path(member.name).name
+        path.write_bytes(tar.extractfile(member).read())
+    return path
+
+
+def last_json(text: str) -> dict[str, Any]:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def check(work: Path) -> dict[str, Any]:
+    import torch
+
+    from pretrain.distributed import single_process_device
+
+    summary: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "seconds": {}}
+    clock = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        summary["seconds"][name] = round(time.monotonic() - clock, 1)
+        clock = time.monotonic()
+
+    shards = demo_shards(work)
+    lap("data")
+
+    zero2 = work / "pre_zero2"
+    saved = kill_after_checkpoint(pretrain_args(zero2, shards, 2), zero2)
+    run("pretrain ZeRO-2 resume", pretrain_args(zero2, shards, 2))
+    summary["resume"] = compare_resume(zero2, saved)
+    lap("pretrain_zero2_kill_resume")
+
+    zero3 = work / "pre_zero3"
+    run("pretrain ZeRO-3", pretrain_args(zero3, shards, 3))
+    summary["zero3_final_loss"] = segments(zero3)[-1][STEPS]
+    lap("pretrain_zero3")
+
+    run("export", [sys.executable, "-m", "pretrain.export", str(zero2), str(zero2 / "export")])
+    finetune = work / "finetune"
+    run("finetune bf16 at 64 px", torchrun(
+        "-m", "finetune", "--config", str(FINETUNE_CFG), f"init={zero2 / 'export' / 'model.safetensors'}",
+        f"run.dir={finetune}", f"data.train_shards={shards}", f"data.eval_shards={shards}", "model.img_size=64",
+        "accelerate.mixed_precision=bf16", "data.num_workers=4", "schedule.total_steps=60",
+        "checkpoint.every_steps=30"))
+    evaluation = run("evaluate", [sys.executable, "-m", "finetune.evaluate", str(finetune)])
+    summary["finetune_eval"] = evaluation.strip().splitlines()[0]
+    lap("export_finetune_evaluate")
+
+    if single_process_device().type != "cuda":
+        raise CheckFailed("predict: finetune.predict would not pick the GPU")
+    image = an_image(shards, work)
+    summary["predict"] = run("predict on the GPU", [sys.executable, "-m", "finetune.predict", str(finetune),
+                                                    str(image), "--attention-map", str(work / "attention.png")]
+                             ).strip().splitlines()[1].strip()
+    lap("predict")
+
+    bench = [sys.executable, "benchmarks/train_step.py", "--variant", "B/16", "--img-size", "224", "--batch", "128"]
+    summary["train_step"] = last_json(run("train_step ViT-B/16 224 bf16", bench, timeout=240))
+    summary["train_step_recompute"] = last_json(run("train_step ViT-B/16 224 bf16, recomputation",
+                                                    [*bench, "--grad-checkpointing"], timeout=240))
+    lap("benchmarks")
+    return summary
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA GPU is visible (torch.cuda.is_available() is False); this check needs one. "
+              "On CPU use `make demo` and `make test`.", file=sys.stderr)
+        return 2
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="vitscale_gpu_check_") as tmp:
+        try:
+            summary = check(Path(tmp))
+        except (CheckFailed, subprocess.TimeoutExpired) as exn:
+            print(f"GPU CHECK FAILED: {exn}", file=sys.stderr)
+            print(json.dumps({"ok": False, "error": str(exn)[:2000]}))
+            return 1
+    summary["total_s"] = round(time.monotonic() - start, 1)
+    print(json.dumps({"ok": True, **summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

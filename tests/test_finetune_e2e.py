@@ -33,6 +33,10 @@ PRETRAIN_STEPS = 300
 PRETRAIN_LR = 5e-3
 FINETUNE_STEPS = 60
 CHECKPOINT_EVERY = 20
+PRETRAINED_TOP1_BAR = 0.55
+"""Measured 0.717-0.817 over 20 runs (see the accuracy test)."""
+GAP_BAR = 0.10
+"""Pretrained minus random-init top-1; measured 0.227-0.427 over 20 runs."""
 KILL_AFTER_STEP = CHECKPOINT_EVERY + 4
 """SIGKILL once this step is logged: after the first checkpoint, with later steps to be redone."""
 
@@ -144,11 +148,14 @@ def test_resume_after_kill_continues_from_latest_checkpoint(finetuned):
 @pytest.mark.learning
 def test_finetuned_accuracy_beats_a_random_init_with_the_same_budget(finetuned, tmp_path, demo_shards, repo_root,
                                                                        pretrained):
-    """The bar: 15 points above the same finetuning from random weights, and at least 60 %.
+    """The finetuned model beats the same finetuning from random weights, by a margin outside float noise.
 
     With the head swap or the pos-embed resampling broken, the finetuned model would start
-    from weights no better than random ones for the new input layout; measured while
-    writing this test: 0.69 from the pretrained model, 0.34-0.44 from random weights (chance 0.10).
+    from weights no better than random ones for the new input layout (chance is 0.10).
+    Measured by ``benchmarks/learning_spread.py`` over 20 runs (seeds 0-4 x native AVX2 and
+    generic kernels x 1 and 2 threads): pretrained top-1 0.717-0.817 (mean 0.772, sd 0.026),
+    random init 0.363-0.497 (mean 0.417, sd 0.047), gap 0.227-0.427 (mean 0.355, sd 0.057).
+    The bars sit 0.167 (6 sd) and 0.127 (4.5 sd) below the lowest measured figures.
     """
     pretrained_top1 = final_top1(finetuned["log"])
     random_init = export_random_init(pretrained[1], tmp_path / "random")
@@ -157,8 +164,8 @@ def test_finetuned_accuracy_beats_a_random_init_with_the_same_budget(finetuned, 
     random_top1 = final_top1(log)
     report("finetune_beats_random", pretrained_top1=pretrained_top1, random_top1=random_top1,
            gap=pretrained_top1 - random_top1)
-    assert pretrained_top1 >= 0.60
-    assert pretrained_top1 >= random_top1 + 0.15
+    assert pretrained_top1 >= PRETRAINED_TOP1_BAR, (pretrained_top1, random_top1)
+    assert pretrained_top1 - random_top1 >= GAP_BAR, (pretrained_top1, random_top1)
 
 
 def export_random_init(template: Path, out: Path) -> Path:

@@ -15,6 +15,8 @@
 #        75 preempted, saved  -> `scontrol requeue`: the job restarts later (SLURM_RESTART_COUNT
 #                                counts the restarts) and the trainer resumes from the run
 #                                directory's latest complete checkpoint by itself;
+#        other after a USR1   -> also requeued: under --kill-on-bad-exit the first task's exit 75
+#                                ends the others, and srun may report that kill (e.g. 143);
 #        other                -> a real error: the job fails once and is never requeued.
 #
 # Preemption protocol: `#SBATCH --signal=B:USR1@300` (or `scancel --signal=USR1 --batch JOB`)
@@ -164,7 +166,12 @@ vs_launch() {
   case $status in
     0) vs_log "training finished"; exit 0 ;;
     "$EXIT_PREEMPTED") vs_requeue "preempted after a clean checkpoint (exit $EXIT_PREEMPTED)" ;;
-    *) vs_log "training failed with exit status $status: a real error, the job is not requeued"
+    *) # After a USR1 the first task to exit 75 is a "bad exit" to --kill-on-bad-exit, which then
+       # terminates the others, maybe before their own exit 75: srun reports that kill (e.g. 143).
+       # Requeueing is safe whatever was cut short: the restart resumes from the latest complete
+       # checkpoint (an unfinished save is never picked), and a real error fails the restart.
+       [ "$VS_PREEMPTED" = 1 ] && vs_requeue "preempted: srun exited $status after the USR1 (the first task to exit $EXIT_PREEMPTED ends the others under --kill-on-bad-exit)"
+       vs_log "training failed with exit status $status: a real error, the job is not requeued"
        exit "$status" ;;
   esac
 }

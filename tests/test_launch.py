@@ -13,8 +13,10 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -216,3 +218,36 @@ def test_gpu_check_takes_prebuilt_demo_shards_or_names_the_fix(demo_shards: Path
     with pytest.raises(gpu_check.CheckFailed,
                        match="no prebuilt shards .* scikit-learn, which builds them, is not installed. Run `make gpu-wheels`"):
         gpu_check.demo_shards(tmp_path)
+
+
+# ------------------------------------------------------------------ preemption under --kill-on-bad-exit
+
+
+def test_preemption_requeues_when_kill_on_bad_exit_ends_the_step_with_a_signal(tmp_path: Path,
+                                                                              data_dir: Path) -> None:
+    """After a USR1, srun may report 143, not 75: the first task's exit 75 is a "bad exit" to
+    --kill-on-bad-exit, which kills the others mid-exit (seen on the real SLURM tests). The job
+    must still be requeued, since the restart resumes from the latest complete checkpoint."""
+    bin_dir, started, requeued = tmp_path / "bin", tmp_path / "srun_started", tmp_path / "scontrol_args"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(  # the step: waits for the forwarded USR1, ends as srun does after the kill
+        f"#!/bin/bash\ntrap 'exit 143' USR1\ntouch {shlex.quote(str(started))}\nwhile :; do sleep 0.05; done\n")
+    (bin_dir / "scontrol").write_text(  # `show job` finds the script (as under sbatch), `requeue` is recorded
+        f'#!/bin/bash\nif [ "$1" = show ]; then echo "   Command={LAUNCH / "pretrain.sh"}"; exit; fi\n'
+        f'echo "$@" > {shlex.quote(str(requeued))}\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = _env(SLURM_JOB_ID="4242", SLURM_NTASKS="2", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    args = [str(LAUNCH / "pretrain.sh"), str(PRETRAIN_CFG), f"data.train_shards={data_dir}",
+            f"data.eval_shards={data_dir}"]
+    proc = subprocess.Popen(["bash", *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not started.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out
+    assert requeued.read_text().split() == ["requeue", "4242"], out
+    assert "srun exited 143 after the USR1" in out and "requeueing job 4242" in out

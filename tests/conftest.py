@@ -127,3 +127,31 @@ def dt_imagefolder(tmp_path: Path, dt_make_image):
         return root
 
     return make
+
+
+@pytest.fixture
+def dt_class_tars(tmp_path: Path, dt_imagefolder):
+    """Factory: ``dt_class_tars(counts, extra=None, prefix=None) -> root`` of per-class tars, ImageNet-21k style.
+
+    The ``dt_imagefolder(counts)`` images packed as ``root/<class>.tar``, members in file-name
+    order; ``extra`` maps a class to ``(name, bytes)`` members appended to its tar, ``prefix``
+    a class to a prefix of its member names (e.g. ``"./"``, as some tar tools write).
+    """
+    import io
+    import tarfile
+
+    def make(counts, extra=None, prefix=None):
+        folder = dt_imagefolder(counts)
+        root = tmp_path / "tars"
+        root.mkdir()
+        for cls in counts:
+            with tarfile.open(root / f"{cls}.tar", "w") as archive:
+                for image in sorted((folder / cls).iterdir()):
+                    archive.add(image, arcname=(prefix or {}).get(cls, "") + image.name)
+                for name, data in (extra or {}).get(cls, []):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+        return root
+
+    return make

@@ -70,14 +70,9 @@ def test_imagefolder_samples_labels_keys_and_manifest(tmp_path, dt_imagefolder):
     assert verify(out) == []
 
 
-def test_class_tars_give_the_same_samples_as_the_unpacked_folder(tmp_path, dt_imagefolder):
-    root = dt_imagefolder(COUNTS)
-    tars = tmp_path / "tars"
-    tars.mkdir()
-    for cls in COUNTS:
-        with tarfile.open(tars / f"{cls}.tar", "w") as archive:
-            for image in sorted((root / cls).iterdir()):
-                archive.add(image, arcname=f"./{image.name}" if cls == "dog" else image.name)
+def test_class_tars_give_the_same_samples_as_the_unpacked_folder(tmp_path, dt_imagefolder, dt_class_tars):
+    tars = dt_class_tars(COUNTS, prefix={"dog": "./"})
+    root = dt_imagefolder(COUNTS)  # the folder the tars were packed from
     convert(root, tmp_path / "a", samples_per_shard=5, progress=False)
     summary = convert(tars, tmp_path / "b", samples_per_shard=5, progress=False)  # format detected
 

@@ -7,7 +7,6 @@ the product makes, not by asking the product.
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -34,27 +33,6 @@ PER_SHARD = 4  # 22 shards
 
 
 @pytest.fixture
-def class_tars(tmp_path, dt_imagefolder):
-    """Factory: the fixture ImageFolder packed as ``root/<class>.tar`` (members in file-name order)."""
-
-    def make(counts=COUNTS, extra=None):
-        folder = dt_imagefolder(counts)
-        root = tmp_path / "tars"
-        root.mkdir()
-        for cls in counts:
-            with tarfile.open(root / f"{cls}.tar", "w") as archive:
-                for image in sorted((folder / cls).iterdir()):
-                    archive.add(image, arcname=image.name)
-                for name, data in (extra or {}).get(cls, []):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    archive.addfile(info, io.BytesIO(data))
-        return root
-
-    return make
-
-
-@pytest.fixture
 def listings(monkeypatch):
     """Counts the calls of ``list_source`` made by the converter."""
     calls = []
@@ -72,8 +50,8 @@ def shard_files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("train-*.tar"))}
 
 
-def test_concurrent_parts_list_the_source_once_then_read_the_plan(tmp_path, class_tars, listings):
-    source, out = class_tars(), tmp_path / "out"
+def test_concurrent_parts_list_the_source_once_then_read_the_plan(tmp_path, dt_class_tars, listings):
+    source, out = dt_class_tars(COUNTS), tmp_path / "out"
     errors = []
 
     def run(index):
@@ -101,8 +79,8 @@ def test_concurrent_parts_list_the_source_once_then_read_the_plan(tmp_path, clas
     assert len(listings) == 2
 
 
-def test_a_stale_plan_lock_is_taken_over(tmp_path, class_tars, listings):
-    source, out = class_tars(), tmp_path / "out"
+def test_a_stale_plan_lock_is_taken_over(tmp_path, dt_class_tars, listings):
+    source, out = dt_class_tars(COUNTS), tmp_path / "out"
     lock = out / "_work" / "train" / LOCK
     lock.parent.mkdir(parents=True)
     lock.write_text("node17 pid 4242\n")
@@ -112,9 +90,9 @@ def test_a_stale_plan_lock_is_taken_over(tmp_path, class_tars, listings):
     assert summary["shards_written"] == 11 and len(listings) == 1 and not lock.exists()
 
 
-def test_each_class_tar_is_opened_a_bounded_number_of_times_per_part_and_read_forward(tmp_path, class_tars,
+def test_each_class_tar_is_opened_a_bounded_number_of_times_per_part_and_read_forward(tmp_path, dt_class_tars,
                                                                                       monkeypatch):
-    source, out = class_tars(), tmp_path / "out"
+    source, out = dt_class_tars(COUNTS), tmp_path / "out"
     opens: dict[str, list[list[int]]] = defaultdict(list)
 
     class Recording:
@@ -154,7 +132,7 @@ def test_each_class_tar_is_opened_a_bounded_number_of_times_per_part_and_read_fo
     assert read_info(out)["splits"]["train"]["num_samples"] == sum(COUNTS.values()) and verify(out) == []
 
 
-def test_shards_and_manifests_are_fsynced_before_their_rename_and_the_folder_after(tmp_path, class_tars,
+def test_shards_and_manifests_are_fsynced_before_their_rename_and_the_folder_after(tmp_path, dt_class_tars,
                                                                                   monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -170,7 +148,7 @@ def test_shards_and_manifests_are_fsynced_before_their_rename_and_the_folder_aft
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     out = tmp_path / "out"
-    convert(class_tars(), out, samples_per_shard=PER_SHARD, progress=False)
+    convert(dt_class_tars(COUNTS), out, samples_per_shard=PER_SHARD, progress=False)
 
     renamed = [e for e in events if e[0] == "replace"]
     finals = {Path(dst).name for _, _, dst in renamed}
@@ -181,8 +159,8 @@ def test_shards_and_manifests_are_fsynced_before_their_rename_and_the_folder_aft
         assert ("fsync", str(Path(dst).parent)) in events[at + 1:], f"folder of {dst} not fsynced after the rename"
 
 
-def test_a_shard_truncated_under_its_final_name_is_found_and_rewritten(tmp_path, class_tars, capsys):
-    source, out = class_tars(), tmp_path / "out"
+def test_a_shard_truncated_under_its_final_name_is_found_and_rewritten(tmp_path, dt_class_tars, capsys):
+    source, out = dt_class_tars(COUNTS), tmp_path / "out"
     args = ["convert", str(source), str(out), "--samples-per-shard", str(PER_SHARD), "--no-progress"]
     assert main(args + ["--part", "0/2"]) == 0
     good = shard_files(out)
@@ -209,9 +187,9 @@ def test_a_shard_truncated_under_its_final_name_is_found_and_rewritten(tmp_path,
     assert verify(out) == []
 
 
-def test_verify_in_parallel_and_in_parts_gives_the_same_report(tmp_path, class_tars, capsys):
+def test_verify_in_parallel_and_in_parts_gives_the_same_report(tmp_path, dt_class_tars, capsys):
     out = tmp_path / "out"
-    convert(class_tars(), out, samples_per_shard=PER_SHARD, progress=False)
+    convert(dt_class_tars(COUNTS), out, samples_per_shard=PER_SHARD, progress=False)
     shard = out / "train-000002.tar"
     data = bytearray(shard.read_bytes())
     member = next(m for m in tarfile.open(shard).getmembers() if m.name.endswith(".jpg"))
@@ -234,11 +212,11 @@ def test_verify_in_parallel_and_in_parts_gives_the_same_report(tmp_path, class_t
     assert main(["verify", str(out), "--workers", "2", "--part", "2/3"]) == 1
 
 
-def test_every_skipped_file_is_in_the_errors_file_and_the_counts_add_up(tmp_path, class_tars, dt_make_image):
+def test_every_skipped_file_is_in_the_errors_file_and_the_counts_add_up(tmp_path, dt_class_tars, dt_make_image):
     jpeg = dt_make_image((30, 20), seed=3)
     extra = {"n00000001": [("cut.jpg", jpeg[: len(jpeg) // 2]), ("img_0.jpg", jpeg)],  # cut; a name twice
              "n00000003": [("notes.txt", b"not an image")]}
-    source = class_tars(extra=extra)
+    source = dt_class_tars(COUNTS, extra=extra)
     (source / "README").write_text("not a tar")
     (source / "n00000009.tar").write_bytes(b"garbage, not a tar archive" * 40)
     out = tmp_path / "out"
@@ -260,8 +238,8 @@ def test_every_skipped_file_is_in_the_errors_file_and_the_counts_add_up(tmp_path
     assert sum(entry["shard_lengths"]) == entry["num_samples"] == sum(COUNTS.values())
 
 
-def test_a_part_with_other_settings_or_a_merge_before_any_plan_is_refused(tmp_path, class_tars):
-    source, out = class_tars(), tmp_path / "out"
+def test_a_part_with_other_settings_or_a_merge_before_any_plan_is_refused(tmp_path, dt_class_tars):
+    source, out = dt_class_tars(COUNTS), tmp_path / "out"
     with pytest.raises(ConversionError, match="nothing to merge .* run the --part"):
         convert(source, out, samples_per_shard=PER_SHARD, merge=True, progress=False)
     convert(source, out, samples_per_shard=PER_SHARD, part=Part(0, 2), progress=False)
@@ -300,8 +278,8 @@ def test_planning_memory_grows_by_well_under_a_python_object_per_file(tmp_path):
     assert per_file < 200, per_file
 
 
-def test_tars_cut_or_removed_after_planning_are_reported_per_file(tmp_path, class_tars):
-    source, out = class_tars(), tmp_path / "out"
+def test_tars_cut_or_removed_after_planning_are_reported_per_file(tmp_path, dt_class_tars):
+    source, out = dt_class_tars(COUNTS), tmp_path / "out"
     convert(source, out, samples_per_shard=PER_SHARD, part=Part(0, 2), progress=False)
     cut = source / "n00000005.tar"
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])

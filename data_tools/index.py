@@ -70,6 +70,12 @@ class ShardIndex:
         return "\n".join(lines) + "\n"
 
 
+def split_name(name: str) -> tuple[str, str] | None:
+    """(key, extension) of a tar member name as webdataset groups them; None for names without an extension."""
+    match = _KEY.match(name)
+    return (match.group(1), match.group(2)) if match else None
+
+
 def index_path(shard: PathLike) -> Path:
     """Where the index of ``shard`` lives (``<shard>.idx``)."""
     return Path(f"{os.fspath(shard)}{SUFFIX}")
@@ -82,14 +88,14 @@ def build_index(shard: PathLike) -> ShardIndex:
     try:
         with tarfile.open(shard, "r:") as archive:
             for member in archive:
-                match = _KEY.match(member.name)
-                if not member.isfile() or match is None:
+                parts = split_name(member.name)
+                if not member.isfile() or parts is None:
                     continue
                 end = member.offset_data + -(-member.size // _BLOCK) * _BLOCK
-                if keys and keys[-1] == match.group(1):
+                if keys and keys[-1] == parts[0]:
                     lengths[-1] = end - offsets[-1]
                 else:
-                    keys.append(match.group(1))
+                    keys.append(parts[0])
                     offsets.append(member.offset)
                     lengths.append(end - member.offset)
     except tarfile.TarError as err:
@@ -133,7 +139,7 @@ def load_index(shard: PathLike) -> ShardIndex:
     """The shard's index, built and written first (logged) when it is missing or stale."""
     index = read_index(shard)
     if index is None:
-        log.info("building the sample index of %s (missing or stale; `python -m data_tools index` builds all "
+        log.debug("building the sample index of %s (missing or stale; `python -m data_tools index` builds all "
                  "of them ahead of training)", shard)
         index = write_index(shard)
     return index

@@ -114,13 +114,12 @@ class DataConfig:
     gradient accumulation = global / (micro x world size)."""
     eval_batch_size: int = 0
     """Per-process eval batch; 0 uses ``micro_batch_size``."""
-    samples_per_epoch: int = 0
     num_workers: int = 4
     """DataLoader worker processes per rank; the train order does not depend on it."""
     streams: int = 0
     """Canonical streams ``C`` of the train order (``pretrain/order``): a step takes
     ``global_batch_size / C`` samples from each, and a run resumes exactly on any world size
-    dividing ``C``. 0: the largest power of two dividing ``global_batch_size``, at most 1024."""
+    dividing ``C``. 0: ``C = global_batch_size``, so every world size the batch allows reproduces it."""
     loader_memory_mb: int = 4096
     """Bound on the train loader's memory per rank, in MiB: decoded micro-batches in flight
     (workers x prefetch depth, the depth derived from this bound) plus one encoded sample
@@ -275,8 +274,8 @@ def _order_errors(data: DataConfig, world_size: int) -> list[str]:
     valid = valid_world_sizes(streams, data.global_batch_size, data.micro_batch_size)
     return [f"world size {world_size} cannot reproduce the train order of {streams} canonical streams "
             f"(data.streams): valid world sizes are {', '.join(map(str, valid))}"
-            + ("" if data.streams else " (data.streams=0 takes the largest power of two dividing the global "
-               "batch, at most 1024)")]
+            + ("; data.streams=0 gives the global batch, which every world size the batch allows divides"
+               if data.streams else "")]
 
 
 def validate_common(cfg: Any, world_size: int, check_paths: bool) -> None:

@@ -40,8 +40,7 @@ def test_feistel_is_a_bijection(n: int) -> None:
 
 
 def test_defaults_and_world_sizes() -> None:
-    assert default_streams(4096) == 1024 and default_streams(64) == 64 and default_streams(96) == 32
-    assert default_streams(7) == 1
+    assert default_streams(4096) == 4096 and default_streams(96) == 96
     assert valid_world_sizes(16, 64, 8) == [1, 2, 4, 8]
     with pytest.raises(ValueError, match="must divide data.global_batch_size"):
         Order(np.array([100]), 64, 48, 0)
@@ -76,7 +75,7 @@ def test_a_late_step_at_full_scale_is_cheap_and_the_same_for_every_world_size() 
         per_rank = [order.samples(epoch, step, np.arange(order.rank_slots(r, world).start,
                                                           order.rank_slots(r, world).stop)) for r in range(world)]
         assert np.array_equal(np.concatenate(per_rank), whole), world
-    with pytest.raises(ValueError, match="does not divide data.streams=1024"):
+    with pytest.raises(ValueError, match="does not divide data.streams=4096"):
         order.rank_slots(0, 48)
 
 
@@ -140,3 +139,15 @@ def test_order_cli_prints_each_steps_keys(st_make_shards) -> None:
     bad = subprocess.run([sys.executable, "-m", "pretrain.order", *config, "--steps", "5:2"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "expected A:B" in bad.stderr
+
+
+def test_a_world_size_that_cannot_reproduce_the_order_exits_2_before_launch(tmp_path: Path) -> None:
+    """``launch/describe.py --check`` (run by the launch scripts before srun) names the valid world sizes."""
+    base = [sys.executable, "launch/describe.py", "pretrain", "--check", "--config", "configs/pretrain/demo.yaml",
+            f"data.train_shards={tmp_path}", "data.eval_shards=", "data.streams=16", "data.micro_batch_size=2"]
+    bad = subprocess.run(base + ["--world-size", "32"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert "world size 32 cannot reproduce the train order of 16 canonical streams" in bad.stderr
+    assert "valid world sizes are 1, 2, 4, 8, 16" in bad.stderr
+    good = subprocess.run(base + ["--world-size", "16"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0, good.stderr

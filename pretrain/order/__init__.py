@@ -22,9 +22,9 @@ The design, and why:
   ``W`` dividing ``C``: the set of samples of a step, and which slot each sample fills
   (augmentation is seeded per slot), does not depend on the world size or on the
   number of DataLoader workers, which only decide who decodes a slot.
-* **I/O.** A region spans ``R / (N / S)`` shards (at ImageNet-21k scale with ``C = 1024``:
-  about 13.9k samples, 1.5 shards), so a rank reads inside ``C / W`` small byte ranges of
-  a few files; each sample is one positioned read of its bytes (the per-shard index
+* **I/O.** A region spans ``R / (N / S)`` shards (at ImageNet-21k scale with the default
+  ``C = B = 4096``: 3,467 samples, a third of a shard), so a rank reads inside ``C / W``
+  small byte ranges (8 at 512 ranks); each sample is one positioned read of its bytes (the per-shard index
   gives offset and length), the size of one ImageFolder file read but without an
   ``open``. Reading contiguous blocks of samples instead (MosaicML's shuffle blocks)
   would save nothing for a reader that fetches exactly the bytes of each sample, and
@@ -34,7 +34,7 @@ The design, and why:
   diversity even on a class-sorted source once ``b`` is small next to the classes of
   a region (measured in ``tests/test_order.py``).
 
-Cost at full scale (ImageNet-21k: N = 14.2 M, S = 1,400 shards, B = 4096, C = 1024, 512
+Cost at full scale (ImageNet-21k: N = 14.2 M, S = 1,400 shards, B = C = 4096, 512
 ranks x 8 workers): one step is the shard permutation and prefix sums (S integers),
 B Feistel evaluations (6 rounds of a 64-bit mix, < 4 cycle-walking passes on average)
 and one ``searchsorted`` over S: O(S + B) work and memory, about a millisecond, whatever
@@ -49,9 +49,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
-
-MAX_DEFAULT_STREAMS = 1024
-"""``data.streams: 0`` picks the largest power of two dividing the global batch, up to this."""
 
 ROUNDS = 6
 """Feistel rounds: more than the 4 that make a keyed Feistel network a pseudo-random permutation."""
@@ -104,11 +101,13 @@ def feistel_permute(x: np.ndarray, n: int, keys: np.ndarray | int) -> np.ndarray
 
 
 def default_streams(global_batch: int) -> int:
-    """The largest power of two that divides ``global_batch``, at most ``MAX_DEFAULT_STREAMS``."""
-    streams = 1
-    while streams < MAX_DEFAULT_STREAMS and global_batch % (streams * 2) == 0:
-        streams *= 2
-    return streams
+    """``data.streams: 0``: one stream per sample of a step (``C = global_batch``).
+
+    Every world size the batch allows (``micro x W`` divides the global batch) then divides
+    ``C`` and reproduces the order, and ``C`` depends on the global batch alone. Regions are
+    ``N / global_batch`` samples (ImageNet-21k at 4096: 3,467, about a third of a shard).
+    """
+    return global_batch
 
 
 def valid_world_sizes(streams: int, global_batch: int, micro_batch: int) -> list[int]:

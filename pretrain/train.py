@@ -32,12 +32,12 @@ from pretrain.engine import (build_engine, current_lr, deepspeed_config, grad_ac
                              optimizer_state_elements, skip_step_if)
 from pretrain.evaluate import evaluate_model
 from pretrain.flops import flops_per_image
+from pretrain.keylog import KeyLog
 from pretrain.loss import build_loss, target_kind
 from pretrain.metrics import MetricsWriter, Throughput, console_line, device_peak_tflops, finish_device_work, memory_gb
 from pretrain.model import build_vit
 from pretrain.optim import check_training
 from pretrain.signals import EXIT_PREEMPTED, PreemptionFlag
-from pretrain.keylog import KeyLog
 from pretrain.train_stream import StreamPosition, build_train_stream
 from pretrain.transforms import BatchPreprocessor
 
@@ -159,7 +159,8 @@ def setup(cfg: Config, env: DistEnv, device: torch.device, flag: PreemptionFlag)
         writer=MetricsWriter(run_dir, env.is_main, cfg.logging.tensorboard),
         throughput=Throughput(flops, env.world_size, peak, recompute=cfg.model.grad_checkpointing),
         flag=flag, shapes=shapes, grad_accum=grad_accum, dtype=DTYPES[cfg.deepspeed.precision],
-        keylog=KeyLog(run_dir, env.rank) if cfg.data.log_keys else None, state=state, last_saved=state.step if latest is not None else -1,
+        keylog=KeyLog(run_dir, env.rank) if cfg.data.log_keys else None,
+        state=state, last_saved=state.step if latest is not None else -1,
     )
 
 

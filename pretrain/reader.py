@@ -77,7 +77,7 @@ class ShardReader:
         return self._files[shard]
 
     def read(self, shard: int, index: int) -> dict[str, Any]:
-        """Sample ``index`` of shard ``shard`` as webdataset gives it: ``__key__``, ``__url__``, one entry per member."""
+        """Sample ``index`` of shard ``shard`` as webdataset gives it: ``__key__``, ``__url__``, one entry a member."""
         entry = self.index(shard)
         key, offset, length = entry.keys[index], entry.offsets[index], entry.lengths[index]
         data = os.pread(self._fd(shard), length, offset)

@@ -201,12 +201,13 @@ def test_bad_shard_specs_and_world_sizes_fail_at_build_time(st_make_shards, tmp_
         resolve_shards(str(shards), "val")
     assert resolve_shards([str(shards / "train-000000.tar"), "pipe:cat x.tar"], "train").urls[1] == "pipe:cat x.tar"
     with pytest.raises(ValueError, match="must be a shard directory with _info.json"):
-        build_train_stream(_cfg(shards, train_shards=[str(shards / "train-000000.tar")]), img_size=IMG, seed=0, rank=0, world_size=1)
+        build_train_stream(_cfg(shards, train_shards=[str(shards / "train-000000.tar")]), img_size=IMG, seed=0,
+                           rank=0, world_size=1)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         build_train_stream(_cfg(shards, global_batch_size=16), img_size=IMG, seed=0, rank=0, world_size=2)
     with pytest.raises(ValueError, match="world size 3 does not divide data.streams=2"):
-        build_train_stream(_cfg(shards, micro_batch_size=1, global_batch_size=6, streams=2), img_size=IMG, seed=0, rank=0,
-                           world_size=3)
+        build_train_stream(_cfg(shards, micro_batch_size=1, global_batch_size=6, streams=2), img_size=IMG, seed=0,
+                           rank=0, world_size=3)
     with pytest.raises(ValueError, match="non-negative ints"):
         StreamPosition.from_dict({"epoch": 1, "step": -1, "seed": 0, "streams": 8, "plan": ""})
 

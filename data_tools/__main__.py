@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Optional
 
+from . import index as index_command
 from .plan import Part
 from .sources import FORMATS
 
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("info", help="samples per split and class, bytes, image sizes")
     show.add_argument("out")
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    index_command.register(commands)
 
     demo = commands.add_parser("demo", help="write the bundled digits demo dataset and its shards")
     demo.add_argument("out", nargs="?", default="data/demo", help="output folder (default data/demo)")
@@ -125,7 +128,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"convert": _convert, "verify": _verify, "info": _info, "demo": _demo}
+COMMANDS = {"convert": _convert, "verify": _verify, "info": _info, "demo": _demo, "index": index_command.run}
 
 if __name__ == "__main__":
     sys.exit(main())

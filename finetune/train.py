@@ -35,7 +35,7 @@ from PIL import Image
 from data_tools.manifest import write_text_atomic
 from pretrain.checkpoint import CheckpointDir, check_shapes, param_shapes, save_collective
 from pretrain.config import config_to_dict, dump_config
-from pretrain.data import StreamPosition, TrainStream, build_eval_stream, build_train_stream
+from pretrain.data import build_eval_stream
 from pretrain.distributed import DistEnv, join
 from pretrain.engine import grad_accum_steps
 from pretrain.evaluate import EvalResult, evaluate_model
@@ -46,6 +46,7 @@ from pretrain.metrics import (MetricsWriter, Stopwatch, Throughput, console_line
 from pretrain.optim import build_optimizer, build_scheduler, check_training
 from pretrain.signals import EXIT_PREEMPTED, PreemptionFlag
 from pretrain.train import EXIT_NONFINITE, stop_requested, stopped_during_start_up
+from pretrain.train_stream import StreamPosition, TrainStream, build_train_stream
 from pretrain.transforms import BatchPreprocessor
 
 from .attention import attention_panel, predict_with_rollout
@@ -65,7 +66,7 @@ class TrainerState:
 
     step: int = 0
     samples: int = 0
-    position: Optional[dict[str, int]] = None
+    position: Optional[dict[str, Any]] = None
     nonfinite_in_a_row: int = 0
 
 

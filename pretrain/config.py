@@ -114,11 +114,22 @@ class DataConfig:
     gradient accumulation = global / (micro x world size)."""
     eval_batch_size: int = 0
     """Per-process eval batch; 0 uses ``micro_batch_size``."""
-    samples_per_epoch: int = 0
-    """Train samples per epoch over all ranks (fixed, so every rank yields the same number of
-    batches); 0 uses the split's ``num_samples`` from ``_info.json``."""
     num_workers: int = 4
+    """DataLoader worker processes per rank; the train order does not depend on it."""
+    streams: int = 0
+    """Canonical streams ``C`` of the train order (``pretrain/order``): a step takes
+    ``global_batch_size / C`` samples from each, and a run resumes exactly on any world size
+    dividing ``C``. 0: ``C = global_batch_size``, so every world size the batch allows reproduces it."""
+    loader_memory_mb: int = 4096
+    """Bound on the train loader's memory per rank, in MiB: decoded micro-batches in flight
+    (workers x prefetch depth, the depth derived from this bound) plus one encoded sample
+    and the open shards' indexes per worker. Logged at start."""
+    log_keys: bool = False
+    """Append the ``__key__`` of every train sample to ``<run.dir>/data_keys/rank-<RANK>.jsonl``,
+    one line per optimizer step."""
     shuffle_buffer: int = 5000
+    """Unused: the train order is a permutation (``pretrain/order``), not a buffer shuffle.
+    Still accepted so that recipes written before it load."""
     randaugment: Optional[list[int]] = None
     """RandAugment ``[num_ops, magnitude]``, e.g. ``[2, 10]``; None disables it."""
     rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
@@ -250,6 +261,23 @@ def _shard_spec_missing(spec: Union[str, list[str]]) -> Optional[str]:
     return None if Path(spec).exists() else spec
 
 
+def _order_errors(data: DataConfig, world_size: int) -> list[str]:
+    """The train order's rules: ``streams`` divides the global batch, the world size divides ``streams``."""
+    from pretrain.order import default_streams, valid_world_sizes
+
+    streams = data.streams or default_streams(data.global_batch_size)
+    if streams < 1 or data.global_batch_size % streams:
+        return [f"data.streams={data.streams} must divide data.global_batch_size={data.global_batch_size} "
+                "(or be 0 for the default)"]
+    if streams % world_size == 0:
+        return []
+    valid = valid_world_sizes(streams, data.global_batch_size, data.micro_batch_size)
+    return [f"world size {world_size} cannot reproduce the train order of {streams} canonical streams "
+            f"(data.streams): valid world sizes are {', '.join(map(str, valid))}"
+            + ("; data.streams=0 gives the global batch, which every world size the batch allows divides"
+               if data.streams else "")]
+
+
 def validate_common(cfg: Any, world_size: int, check_paths: bool) -> None:
     """Checks shared by every root config that has model, data, schedule and optim sections."""
     errors = []
@@ -267,6 +295,8 @@ def validate_common(cfg: Any, world_size: int, check_paths: bool) -> None:
             f"data.micro_batch_size={data.micro_batch_size} x world size {world_size} = {per_step}: "
             "set the global batch to a multiple of that, or change the micro-batch"
         )
+    if data.micro_batch_size > 0:
+        errors += _order_errors(data, world_size)
     if cfg.schedule.warmup_steps > cfg.schedule.total_steps:
         errors.append(
             f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds "

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from webdataset.shardlists import expand_urls
-
 from data_tools.manifest import read_split
+from pretrain.config import DataConfig
+from pretrain.order import Order, default_streams, plan_hash
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class ShardSet:
 
     urls: list[str]
     num_samples: Optional[int] = None
+    lengths: Optional[list[int]] = None
+    """Samples per shard, from ``_info.json`` (None without one)."""
 
 
 def _is_remote(url: str) -> bool:
@@ -33,13 +35,14 @@ def _is_remote(url: str) -> bool:
 
 def resolve_shards(spec: Union[str, list[str]], split: str, what: str = "data.train_shards") -> ShardSet:
     """Resolve ``spec`` and check that it names at least one shard and every local shard exists."""
-    if isinstance(spec, (list, tuple)):
-        shards = ShardSet([u for item in spec for u in expand_urls(item)])
-    elif spec and not _is_remote(spec) and Path(spec).is_dir():
+    if isinstance(spec, str) and spec and not _is_remote(spec) and Path(spec).is_dir():
         files = read_split(spec, split)
-        shards = ShardSet([str(path) for path in files.shards], sum(files.lengths))
+        shards = ShardSet([str(path) for path in files.shards], sum(files.lengths), files.lengths)
     else:
-        shards = ShardSet(expand_urls(spec) if spec else [])
+        from webdataset.shardlists import expand_urls  # imports torch (seconds): only for patterns and lists
+
+        items = spec if isinstance(spec, (list, tuple)) else [spec] if spec else []
+        shards = ShardSet([u for item in items for u in expand_urls(item)])
     if not shards.urls:
         raise ValueError(f"{what} is empty: point it at a shard directory, a brace pattern or a list of .tar files")
     missing = [u for u in shards.urls if not _is_remote(u) and not Path(u).is_file()]
@@ -49,3 +52,25 @@ def resolve_shards(spec: Union[str, list[str]], split: str, what: str = "data.tr
             "check the path or re-run `python -m data_tools convert`"
         )
     return shards
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The train shards and the order over them, as every rank and ``python -m pretrain.order`` see them."""
+
+    urls: list[str]
+    order: Order
+    plan: str
+    """``plan_hash`` of shard names, lengths, global batch and streams (checked at resume)."""
+
+
+def train_data(cfg: DataConfig, seed: int) -> TrainData:
+    """Resolve ``data.train_shards`` (a directory with ``_info.json``: the order needs every shard's length)."""
+    shards = resolve_shards(cfg.train_shards, cfg.train_split, "data.train_shards")
+    if shards.lengths is None:
+        raise ValueError(f"data.train_shards={cfg.train_shards!r} must be a shard directory with _info.json: the "
+                         "train order is computed from its shard lengths (`python -m data_tools convert` writes it)")
+    streams = cfg.streams or default_streams(cfg.global_batch_size)
+    order = Order(shards.lengths, cfg.global_batch_size, streams, seed)
+    names = [Path(url).name for url in shards.urls]
+    return TrainData(shards.urls, order, plan_hash(names, shards.lengths, cfg.global_batch_size, streams))

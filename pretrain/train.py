@@ -26,17 +26,19 @@ from pretrain import collective
 from pretrain.checkpoint import (MARKER, Checkpoint, CheckpointDir, convert_to_universal, load_deepspeed,
                                  param_shapes, save_deepspeed, universal_path)
 from pretrain.config import Config, config_to_dict, dump_config
-from pretrain.data import StreamPosition, build_eval_stream, build_train_stream
+from pretrain.data import build_eval_stream
 from pretrain.distributed import DistEnv
 from pretrain.engine import (build_engine, current_lr, deepspeed_config, grad_accum_steps, grad_norm,
                              optimizer_state_elements, skip_step_if)
 from pretrain.evaluate import evaluate_model
 from pretrain.flops import flops_per_image
+from pretrain.keylog import KeyLog
 from pretrain.loss import build_loss, target_kind
 from pretrain.metrics import MetricsWriter, Throughput, console_line, device_peak_tflops, finish_device_work, memory_gb
 from pretrain.model import build_vit
 from pretrain.optim import check_training
 from pretrain.signals import EXIT_PREEMPTED, PreemptionFlag
+from pretrain.train_stream import StreamPosition, build_train_stream
 from pretrain.transforms import BatchPreprocessor
 
 log = logging.getLogger("pretrain")
@@ -70,6 +72,8 @@ class StepResult:
     stop: bool
     data_time: float
     step_time: float
+    keys: list[str] = field(default_factory=list)
+    """``__key__`` of every sample this rank used in the step (all micro-batches)."""
 
 
 @dataclass
@@ -91,26 +95,12 @@ class Run:
     shapes: dict[str, list[int]]
     grad_accum: int
     dtype: torch.dtype
+    keylog: Optional[KeyLog] = None
     state: TrainState = field(default_factory=TrainState)
     last_saved: int = -1
 
 
 # --------------------------------------------------------------------- setup
-
-
-def _stream_position(cfg: Config, env: DistEnv, client: dict[str, Any], resized: bool, grad_accum: int
-                     ) -> Optional[StreamPosition]:
-    """The data position to resume from; after a world-size change, recomputed from the step count."""
-    if not client:
-        return None
-    saved = StreamPosition.from_dict(client["stream_position"])
-    if not resized:
-        return saved
-    probe = build_train_stream(cfg.data, img_size=cfg.model.img_size, seed=cfg.run.seed, rank=env.rank,
-                               world_size=env.world_size, position=StreamPosition(lanes=saved.lanes))
-    epoch, batch = divmod(client["step"] * grad_accum, probe.batches_per_epoch)
-    probe.close()
-    return StreamPosition(epoch=epoch, batch=batch, lanes=saved.lanes)
 
 
 def resume_point(cfg: Config, env: DistEnv) -> tuple[Optional[Checkpoint], bool]:
@@ -151,9 +141,10 @@ def setup(cfg: Config, env: DistEnv, device: torch.device, flag: PreemptionFlag)
         state = TrainState(step=client["step"], samples=client["samples"],
                            nonfinite_total=client.get("nonfinite_total", 0))
         log.info("resumed from %s (step %d, %d samples seen)", latest.path, state.step, state.samples)
+    # The order is the same on every world size: the saved position holds after a resize too.
+    position = StreamPosition.from_dict(client["stream_position"]) if client else None
     stream = build_train_stream(cfg.data, img_size=cfg.model.img_size, seed=cfg.run.seed, rank=env.rank,
-                                world_size=env.world_size,
-                                position=_stream_position(cfg, env, client, resized, grad_accum))
+                                world_size=env.world_size, position=position)
     eval_stream = (build_eval_stream(cfg.data, img_size=cfg.model.img_size, rank=env.rank, world_size=env.world_size)
                    if cfg.data.eval_shards else None)
 
@@ -168,6 +159,7 @@ def setup(cfg: Config, env: DistEnv, device: torch.device, flag: PreemptionFlag)
         writer=MetricsWriter(run_dir, env.is_main, cfg.logging.tensorboard),
         throughput=Throughput(flops, env.world_size, peak, recompute=cfg.model.grad_checkpointing),
         flag=flag, shapes=shapes, grad_accum=grad_accum, dtype=DTYPES[cfg.deepspeed.precision],
+        keylog=KeyLog(run_dir, env.rank) if cfg.data.log_keys else None,
         state=state, last_saved=state.step if latest is not None else -1,
     )
 
@@ -187,11 +179,12 @@ def train_step(run: Run) -> StepResult:
     """One optimizer step over ``grad_accum`` micro-batches on every rank."""
     engine, start = run.engine, time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
-    nonfinite, data_time = 0, 0.0
+    nonfinite, data_time, keys = 0, 0.0, []
     for micro in range(run.grad_accum):
         tick = time.perf_counter()
         images, labels = next(run.stream)
         data_time += time.perf_counter() - tick
+        keys += run.stream.last_keys
         x, target = run.preprocess(images, labels, run.device, run.dtype)
         loss = run.loss_fn(engine(x), target)
         engine.backward(loss)
@@ -204,7 +197,7 @@ def train_step(run: Run) -> StepResult:
         engine.step()
     finish_device_work(run.device)
     return StepResult(mean_loss if not any_bad else float("nan"), any_bad, stop, data_time,
-                      time.perf_counter() - start)
+                      time.perf_counter() - start, keys)
 
 
 # ---------------------------------------------------------------------- eval
@@ -246,6 +239,8 @@ def record(run: Run, result: StepResult) -> None:
     state.nonfinite_total += result.nonfinite
     state.nonfinite_in_row = state.nonfinite_in_row + 1 if result.nonfinite else 0
     run.throughput.add(cfg.data.global_batch_size, result.step_time, result.data_time)
+    if run.keylog is not None:
+        run.keylog.write(state.step, run.stream.epoch, result.keys)
     scalars = {"train/loss": result.loss, "train/lr": current_lr(run.engine), "train/grad_norm": grad_norm(run.engine)}
     if result.nonfinite:
         log.warning("step %d: non-finite loss, update skipped (%d in a row, %d in total)", state.step,
@@ -288,6 +283,8 @@ def train(cfg: Config, env: DistEnv, device: torch.device, flag: Optional[Preemp
         finally:
             run.writer.close()
             run.stream.close()
+            if run.keylog is not None:
+                run.keylog.close()
 
 
 def stop_requested(flag: PreemptionFlag) -> bool:

@@ -1,6 +1,7 @@
-"""The streaming input pipeline: even ranks, exact eval coverage, bit-exact resume, corrupt data, transforms.
+"""The input pipeline: the order's steps on any world size, exact eval coverage, bit-exact O(1) resume,
+corrupt data, bounded memory, transforms.
 
-Two ranks are simulated by building one stream per rank with ``world_size=2``;
+Several ranks are simulated by building one stream per rank;
 every sample of the ``st_make_shards`` fixture has its global index as label, so
 labels identify samples.
 """
@@ -16,10 +17,12 @@ import torch
 import torchvision.transforms.v2 as v2
 from PIL import Image
 
-import pretrain.data as data
+import pretrain.train_stream as train_stream
 import pretrain.transforms as transforms
 from pretrain.config import DataConfig
-from pretrain.data import StreamPosition, build_eval_stream, build_train_stream
+from pretrain.data import build_eval_stream
+from pretrain.order import Order
+from pretrain.train_stream import StreamPosition, build_train_stream, loader_memory
 from pretrain.shards import resolve_shards
 from pretrain.transforms import BatchPreprocessor, EvalResize, TrainCrop, build_eval_transform, decode_rgb
 
@@ -28,7 +31,7 @@ IMG = 16
 
 def _cfg(shards, **kw) -> DataConfig:
     base = dict(train_shards=str(shards), eval_shards=str(shards), global_batch_size=8, micro_batch_size=2,
-                samples_per_epoch=40, num_workers=2, shuffle_buffer=6, eval_split="val")
+                num_workers=2, eval_split="val")
     return DataConfig(**{**base, **kw})
 
 
@@ -40,62 +43,94 @@ def _same(a, b) -> bool:
     return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
 
 
-def test_ranks_yield_equal_batches_with_uneven_and_few_shards(st_make_shards):
-    # 3 shards of 7, 1 and 12 samples for 2 ranks x 2 workers = 4 readers.
-    shards = st_make_shards([7, 1, 12])
-    cfg = _cfg(shards)
-    streams = [build_train_stream(cfg, img_size=IMG, seed=3, rank=r, world_size=2) for r in (0, 1)]
-    # 40 samples per epoch / global batch 8 = 5 steps x (8 / (2 x 2)) = 2 micro-batches each.
-    assert [s.batches_per_epoch for s in streams] == [10, 10]
-    per_rank = [_take(s, 2 * 10 + 3) for s in streams]
-    for stream, batches in zip(streams, per_rank):
-        assert stream.position() == StreamPosition(epoch=2, batch=3, lanes=2)
-        for images, labels in batches:
-            assert images.shape == (2, 3, IMG, IMG) and images.dtype == torch.uint8
-            assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 20
-    labels = [torch.cat([b[1] for b in batches]) for batches in per_rank]
-    assert not torch.equal(labels[0], labels[1]), "ranks must draw different samples"
-    assert len(set(torch.cat(labels).tolist())) > 12, "resampling should reach most samples"
+def _global_steps(cfg, world_size, steps, seed=3, position=None):
+    """Per step, the (label, image) of every slot in slot order, gathered from ``world_size`` rank streams."""
+    accum = cfg.global_batch_size // (cfg.micro_batch_size * world_size)
+    streams = [build_train_stream(cfg, img_size=IMG, seed=seed, rank=r, world_size=world_size, position=position)
+               for r in range(world_size)]
+    out = []
+    for _ in range(steps):
+        batches = [b for s in streams for b in _take(s, accum)]
+        out.append((torch.cat([b[1] for b in batches]), torch.cat([b[0] for b in batches])))
+    return out, streams
+
+
+def test_steps_are_the_orders_samples_on_every_world_size_and_worker_count(st_make_shards):
+    """Uneven, few shards: each step holds the order's samples, slot for slot, with the same crop per slot,
+    for 1, 2 and 4 ranks and 0 or 2 workers; epochs cover every sample once."""
+    shards = st_make_shards([7, 1, 12, 10])
+    cfg = _cfg(shards, global_batch_size=8, micro_batch_size=2)
+    order = Order(np.array([7, 1, 12, 10]), 8, 8, seed=3)
+    reference, streams = _global_steps(cfg, 1, 2 * order.steps_per_epoch + 1)
+    assert streams[0].position() == StreamPosition(2, 1, 3, 8, streams[0].position().plan)
+    for step, (labels, images) in enumerate(reference):
+        assert labels.tolist() == order.samples(*order.where(step)).tolist()
+        assert images.shape == (8, 3, IMG, IMG) and images.dtype == torch.uint8
+    epoch0 = torch.cat([labels for labels, _ in reference[:order.steps_per_epoch]]).tolist()
+    assert len(set(epoch0)) == len(epoch0) == 24
+    for world, workers in ((2, 2), (4, 0), (2, 0)):
+        other, _ = _global_steps(_cfg(shards, num_workers=workers), world, len(reference))
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(reference, other)), world
 
 
 def test_resume_reproduces_next_batches_bit_for_bit(st_make_shards):
     shards = st_make_shards([7, 1, 12])
-    cfg = _cfg(shards, randaugment=[2, 9], samples_per_epoch=24)  # 6 batches per epoch
+    cfg = _cfg(shards, randaugment=[2, 9])  # 20 samples: 2 steps of 8 per epoch, 2 micro-batches per rank
     reference = _take(build_train_stream(cfg, img_size=IMG, seed=5, rank=1, world_size=2), 10)
     first = build_train_stream(cfg, img_size=IMG, seed=5, rank=1, world_size=2)
-    assert _same(_take(first, 3), reference[:3])
+    assert _same(_take(first, 2), reference[:2])
     saved = StreamPosition.from_dict(first.position().to_dict())
-    assert saved == StreamPosition(epoch=0, batch=3, lanes=2)
+    assert (saved.epoch, saved.step, saved.seed, saved.streams) == (0, 1, 5, 8)
+    with pytest.raises(RuntimeError, match="inside a step"):
+        next(first) and first.position()
     first.close()
     resumed = build_train_stream(cfg, img_size=IMG, seed=5, rank=1, world_size=2, position=saved)
-    assert _same(_take(resumed, 7), reference[3:])  # crosses into epoch 1
-    # Another worker count keeps the stream: the lanes come from the saved position.
-    single = build_train_stream(_cfg(shards, randaugment=[2, 9], samples_per_epoch=24, num_workers=0),
-                                img_size=IMG, seed=5, rank=1, world_size=2, position=StreamPosition(1, 1, 2))
-    assert _same(_take(single, 3), reference[7:10])
-    other_seed = build_train_stream(cfg, img_size=IMG, seed=6, rank=1, world_size=2, position=saved)
-    assert not _same(_take(other_seed, 3), reference[3:6])
+    assert _same(_take(resumed, 8), reference[2:])  # crosses into epochs 1 and 2
+    single = build_train_stream(_cfg(shards, randaugment=[2, 9], num_workers=0), img_size=IMG, seed=5, rank=1,
+                                world_size=2, position=StreamPosition(1, 1, 5, 8, saved.plan))
+    assert _same(_take(single, 2), reference[6:8])
+    other_seed = build_train_stream(cfg, img_size=IMG, seed=6, rank=1, world_size=2)
+    assert not _same(_take(other_seed, 3), reference[:3])
 
 
-def test_fast_forward_decodes_no_skipped_image(st_make_shards, monkeypatch):
-    shards = st_make_shards([9, 9])
-    cfg = _cfg(shards, num_workers=0)
-    reference = _take(build_train_stream(cfg, img_size=IMG, seed=0, rank=0, world_size=2), 6)
-    decoded = []
+def test_resume_reads_and_decodes_only_the_steps_samples(st_make_shards, monkeypatch):
+    """Resuming late in an epoch reads what resuming early reads: the step's samples and their indexes."""
+    shards = st_make_shards([40, 40, 40, 40])
+    cfg = _cfg(shards, num_workers=0, global_batch_size=16, micro_batch_size=16, streams=4)
+    reference = build_train_stream(cfg, img_size=IMG, seed=0, rank=0, world_size=1)
+    steps = _take(reference, 10)
+    plan = reference.position().plan
+    decoded, read = [], {}
     monkeypatch.setattr(transforms, "decode_rgb", lambda *a, **kw: decoded.append(a[0]) or decode_rgb(*a, **kw))
-    resumed = build_train_stream(cfg, img_size=IMG, seed=0, rank=0, world_size=2, position=StreamPosition(0, 5, 1))
-    assert _same(_take(resumed, 1), reference[5:])
-    assert len(decoded) == cfg.micro_batch_size
+    for at in (1, 9):
+        resumed = build_train_stream(cfg, img_size=IMG, seed=0, rank=0, world_size=1,
+                                     position=StreamPosition(0, at, 0, 4, plan))
+        assert _same(_take(resumed, 1), steps[at:at + 1])
+        read[at] = resumed.bytes_read
+    assert len(decoded) == 2 * cfg.micro_batch_size
+    sample_bytes = sum(path.stat().st_size for path in shards.glob("*.tar")) / 160
+    assert abs(read[9] - read[1]) < 8 * 16 * sample_bytes * 0.05, read
 
 
 def test_train_stream_leaves_the_callers_rng_alone(st_make_shards):
-    cfg = _cfg(st_make_shards([5]), num_workers=0)
+    cfg = _cfg(st_make_shards([5, 5]), num_workers=0)
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
     _take(build_train_stream(cfg, img_size=IMG, seed=0, rank=0, world_size=1), 2)
     assert torch.equal(torch.rand(3), expected)
 
+
+def test_loader_memory_is_bounded_in_bytes(st_make_shards, caplog):
+    prefetch, bound = loader_memory(DataConfig(micro_batch_size=128, num_workers=10, loader_memory_mb=2048), 224)
+    batch_mb = 128 * 3 * 224 * 224 / 2**20
+    assert prefetch == 4 and bound == pytest.approx(10 * (4 * batch_mb + 64)) and bound <= 2048
+    assert loader_memory(DataConfig(micro_batch_size=128, num_workers=10, loader_memory_mb=1100), 224)[0] == 2
+    with pytest.raises(ValueError, match="data.loader_memory_mb=600 holds less than one decoded micro-batch"):
+        loader_memory(DataConfig(micro_batch_size=128, num_workers=10, loader_memory_mb=600), 224)
+    caplog.set_level("INFO")
+    build_train_stream(_cfg(st_make_shards([5, 5])), img_size=IMG, seed=0, rank=0, world_size=1)
+    assert "loader memory per rank <=" in caplog.text and "have no sample index" in caplog.text
 
 @pytest.mark.parametrize("sizes", [[5, 1, 4], [3, 2, 4, 1, 5, 2]], ids=["fewer-shards-than-readers", "more"])
 def test_eval_sees_every_sample_exactly_once(st_make_shards, sizes):
@@ -131,47 +166,50 @@ def test_corrupt_samples_are_skipped_and_counted_in_eval(st_make_shards):
 
 
 def test_corrupt_samples_are_replaced_in_train_batches(st_make_shards):
-    shards = st_make_shards([7, 6], corrupt=CORRUPT)
-    cfg = _cfg(shards, samples_per_epoch=16)
-    streams = [build_train_stream(cfg, img_size=IMG, seed=1, rank=r, world_size=2) for r in (0, 1)]
-    batches = [_take(s, 12) for s in streams]
+    """Corrupt samples are counted and replaced by good ones, batch sizes stay exact, and the replacement
+    is a function of the slot: the same on 1 or 2 ranks and after a resume."""
+    shards = st_make_shards([7, 6, 3], corrupt=CORRUPT)
+    cfg = _cfg(shards)
+    reference, streams = _global_steps(cfg, 2, 4, seed=1)
     assert sum(s.corrupt_samples for s in streams) > 0
-    labels = set(torch.cat([b[1] for rank in batches for b in rank]).tolist())
+    labels = set(torch.cat([labels for labels, _ in reference]).tolist())
     assert labels and not labels & set(CORRUPT)
-    assert all(images.shape == (2, 3, IMG, IMG) for rank in batches for images, _ in rank)
-    resumed = build_train_stream(cfg, img_size=IMG, seed=1, rank=1, world_size=2, position=StreamPosition(1, 1, 2))
-    assert _same(_take(resumed, 3), batches[1][5:8])
+    assert all(images.shape == (8, 3, IMG, IMG) for _, images in reference)
+    single, _ = _global_steps(_cfg(shards, num_workers=0), 1, 4, seed=1)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(reference, single))
+    plan = streams[0].position().plan
+    resumed, _ = _global_steps(cfg, 2, 2, seed=1, position=StreamPosition(1, 0, 1, 8, plan))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(reference[2:], resumed))
 
 
-def test_all_corrupt_batches_are_refilled_and_all_corrupt_data_fails(st_make_shards, monkeypatch):
-    good = {3, 10}
-    shards = st_make_shards([6, 6], corrupt={i: "bytes" for i in range(12) if i not in good})
-    cfg = _cfg(shards, num_workers=0, samples_per_epoch=8, micro_batch_size=4)
-    stream = build_train_stream(cfg, img_size=IMG, seed=0, rank=0, world_size=2)
-    batches = _take(stream, 4)
-    assert set(torch.cat([labels for _, labels in batches]).tolist()) <= good
-    assert stream.corrupt_samples >= 4 * 4 - 2 * 4
-    monkeypatch.setattr(data, "MAX_CORRUPT_DRAWS", 20)
-    hopeless = st_make_shards([5], corrupt={i: "nocls" for i in range(5)}, directory=shards.parent / "bad")
-    with pytest.raises(RuntimeError, match="20 samples in a row are corrupt"):
+def test_all_corrupt_data_fails_with_a_clear_error(st_make_shards, monkeypatch):
+    monkeypatch.setattr(train_stream, "MAX_CORRUPT_DRAWS", 20)
+    hopeless = st_make_shards([5, 5], corrupt={i: "nocls" for i in range(10)})
+    with pytest.raises(RuntimeError, match="20 replacement samples in a row are corrupt"):
         next(build_train_stream(_cfg(hopeless, num_workers=0), img_size=IMG, seed=0, rank=0, world_size=1))
 
 
-def test_bad_shard_specs_fail_at_build_time(st_make_shards, tmp_path):
-    shards = st_make_shards([2])
+def test_bad_shard_specs_and_world_sizes_fail_at_build_time(st_make_shards, tmp_path):
+    shards = st_make_shards([2, 6])
     with pytest.raises(ValueError, match="data.train_shards is empty"):
         build_train_stream(DataConfig(train_shards=[]), img_size=IMG, seed=0, rank=0, world_size=1)
-    with pytest.raises(FileNotFoundError, match=r"7 of 8 shards do not exist, first .*train-000001.tar"):
+    with pytest.raises(FileNotFoundError, match=r"6 of 8 shards do not exist, first .*train-000002.tar"):
         resolve_shards(str(shards / "train-{000000..000007}.tar"), "train")
     with pytest.raises(FileNotFoundError, match="is not a converted shard directory"):
         resolve_shards(str(tmp_path), "train")
     with pytest.raises(KeyError, match="no split 'val'"):
         resolve_shards(str(shards), "val")
     assert resolve_shards([str(shards / "train-000000.tar"), "pipe:cat x.tar"], "train").urls[1] == "pipe:cat x.tar"
-    with pytest.raises(ValueError, match="less than one global batch"):
-        build_train_stream(_cfg(shards, samples_per_epoch=0), img_size=IMG, seed=0, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="must be a shard directory with _info.json"):
+        build_train_stream(_cfg(shards, train_shards=[str(shards / "train-000000.tar")]), img_size=IMG, seed=0,
+                           rank=0, world_size=1)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        build_train_stream(_cfg(shards, global_batch_size=16), img_size=IMG, seed=0, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="world size 3 does not divide data.streams=2"):
+        build_train_stream(_cfg(shards, micro_batch_size=1, global_batch_size=6, streams=2), img_size=IMG, seed=0,
+                           rank=0, world_size=3)
     with pytest.raises(ValueError, match="non-negative ints"):
-        StreamPosition.from_dict({"epoch": 1, "batch": -1, "lanes": 2})
+        StreamPosition.from_dict({"epoch": 1, "step": -1, "seed": 0, "streams": 8, "plan": ""})
 
 
 def test_pipe_urls_read_like_local_paths(st_make_shards):
@@ -186,7 +224,7 @@ def test_reads_data_tools_shards_like_imagefolder(demo_shards):
     from torchvision.datasets import ImageFolder
 
     cfg = DataConfig(train_shards=str(demo_shards), eval_shards=str(demo_shards), global_batch_size=32,
-                     micro_batch_size=16, num_workers=2, shuffle_buffer=50, eval_batch_size=64)
+                     micro_batch_size=16, num_workers=2, eval_batch_size=64)
     labels: Counter = Counter()
     for rank in (0, 1):
         stream = build_eval_stream(cfg, img_size=32, rank=rank, world_size=2)

@@ -1,0 +1,52 @@
+"""Per-shard sample index (``data_tools.index``): offsets from tar headers, the ``index`` command, staleness."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from data_tools.__main__ import main as data_tools_main
+from data_tools.index import build_index, index_path, load_index, read_index
+
+
+def _members(shard: Path, offset: int, length: int) -> dict[str, bytes]:
+    with open(shard, "rb") as f:
+        f.seek(offset)
+        chunk = f.read(length)
+    with tarfile.open(fileobj=io.BytesIO(chunk), mode="r:") as archive:
+        return {m.name: archive.extractfile(m).read() for m in archive}
+
+
+def test_each_range_holds_exactly_its_samples_members(st_make_shards) -> None:
+    shards = st_make_shards([5, 3])
+    for shard in sorted(shards.glob("*.tar")):
+        index = build_index(shard)
+        expected = list(wds.WebDataset(str(shard), shardshuffle=False))
+        assert index.keys == [s["__key__"] for s in expected]
+        for offset, length, sample in zip(index.offsets, index.lengths, expected):
+            members = _members(shard, offset, length)
+            assert members == {f"{sample['__key__']}.{ext}": sample[ext] for ext in sample
+                               if not ext.startswith("__")}
+
+
+def test_index_command_writes_and_keeps_current_indexes(st_make_shards, tmp_path: Path, capsys) -> None:
+    shards = st_make_shards([4, 2, 3])
+    assert data_tools_main(["index", str(shards)]) == 0
+    assert "3 shard indexes written, 0 already current" in capsys.readouterr().out
+    assert data_tools_main(["index", str(shards)]) == 0
+    assert "0 shard indexes written, 3 already current" in capsys.readouterr().out
+    first = shards / "train-000000.tar"
+    assert read_index(first).keys == [f"s{i:06d}" for i in range(4)]
+    with open(first, "ab") as f:  # the shard changed: its index is stale, rebuilt on load
+        f.write(b"\0" * 1024)
+    assert read_index(first) is None and len(load_index(first)) == 4 and read_index(first) is not None
+    index_path(first).write_text("garbage\n")
+    with pytest.raises(ValueError, match="is not a vitscale shard index"):
+        read_index(first)
+    (shards / "train-000001.tar").write_bytes(b"not a tar" * 100)
+    assert data_tools_main(["index", str(shards), "--force"]) == 1
+    assert "train-000001.tar is not a readable tar file" in capsys.readouterr().err

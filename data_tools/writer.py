@@ -21,10 +21,12 @@ import hashlib
 import json
 import os
 import tarfile
+from array import array
 from pathlib import Path
 
 from .images import Prepared
-from .manifest import fsync_dir, write_json_atomic
+from .index import ShardIndex, index_path
+from .manifest import fsync_dir, write_json_atomic, write_text_atomic
 from .stats import SplitStats
 
 TAR_MTIME = 0
@@ -47,22 +49,34 @@ class ShardSink:
         self.size = 0
         self.stats = SplitStats()
         self.errors: list[dict] = []
+        self.keys: list[str] = []
+        self.offsets, self.lengths = array("q"), array("q")
 
     def add(self, key: str, image: Prepared, label: int, name: str) -> None:
         meta = json.dumps({"path": name, "width": image.width, "height": image.height}).encode()
+        start = self.size
         for ext, payload in ((image.ext, image.data), ("cls", str(label).encode()), ("json", meta)):
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(payload), TAR_MTIME, TAR_MODE
             self._write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
             self._write(payload)
             self._write(tarfile.NUL * (-len(payload) % tarfile.BLOCKSIZE))
+        self.keys.append(key)
+        self.offsets.append(start)
+        self.lengths.append(self.size - start)
         self.stats.add(label, image.width, image.height, len(image.data), image.reencoded)
 
     def skip(self, name: str, reason: str) -> None:
         self.errors.append({"path": name, "reason": reason})
 
     def commit(self) -> dict:
-        """Close the tar durably, save its record, move it to its final name; return the record."""
+        """Close the tar durably, save its record, move it to its final name, index it; return the record.
+
+        The sample index (``data_tools.index``) comes from the offsets counted while writing,
+        so the training reader never has to read this shard's headers back. It is written
+        after the rename: a crash in between leaves a shard without an index, which the
+        reader builds on first use.
+        """
         self._write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
         self._write(tarfile.NUL * (-self.size % tarfile.RECORDSIZE))
         self.handle.flush()
@@ -73,6 +87,8 @@ class ShardSink:
                   "stats": self.stats.to_dict()}
         write_json_atomic(record_path(self.work, self.name), record)
         os.replace(self.partial, self.out / self.name)
+        index = ShardIndex(self.keys, self.offsets, self.lengths, self.size)
+        write_text_atomic(index_path(self.out / self.name), index.to_text())
         fsync_dir(self.out)
         return record
 

@@ -50,3 +50,16 @@ def test_index_command_writes_and_keeps_current_indexes(st_make_shards, tmp_path
     (shards / "train-000001.tar").write_bytes(b"not a tar" * 100)
     assert data_tools_main(["index", str(shards), "--force"]) == 1
     assert "train-000001.tar is not a readable tar file" in capsys.readouterr().err
+
+
+def test_converter_writes_each_shards_index_equal_to_one_built_from_its_headers(tmp_path: Path) -> None:
+    """The converter counts offsets while writing; the reader must get what reading the headers gives."""
+    from data_tools.demo import write_demo
+
+    shards = sorted(Path(write_demo(tmp_path)).glob("*.tar"))
+    assert shards
+    for shard in shards:
+        written, built = read_index(shard), build_index(shard)
+        assert written is not None, f"no index written beside {shard.name}"
+        assert (written.keys, written.offsets, written.lengths, written.shard_bytes) == \
+            (built.keys, built.offsets, built.lengths, built.shard_bytes)

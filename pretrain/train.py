@@ -288,6 +288,7 @@ def train(cfg: Config, env: DistEnv, device: torch.device, flag: Optional[Preemp
         finally:
             run.writer.close()
             run.stream.close()
+            run.engine.destroy()  # drops its gradient hooks, so that shutdown_distributed can free the groups
 
 
 def stop_requested(flag: PreemptionFlag) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from pretrain.cli import load_checked, parse_stage_args, setup_logging
+from pretrain.cli import exit_process, load_checked, parse_stage_args, setup_logging
 from pretrain.signals import EXIT_CONFIG, PreemptionFlag
 
 
@@ -42,4 +42,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

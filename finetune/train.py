@@ -366,4 +366,5 @@ def train(cfg: FinetuneConfig, flag: Optional[PreemptionFlag] = None) -> int:
         finally:
             run.writer.close()
             run.stream.close()
+            run.parts.accelerator.free_memory()  # destroys a DeepSpeed engine's hooks (see shutdown_distributed)
             run.parts.accelerator.end_training()

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping, Optional
@@ -201,5 +202,17 @@ def check_cpu_budget(env: DistEnv, num_workers: int) -> int:
 
 
 def shutdown_distributed() -> None:
-    if dist.is_initialized():
+    """Destroy every process group, DeepSpeed's references to them included.
+
+    ``dist.destroy_process_group`` drops torch's references only; DeepSpeed keeps its groups in
+    ``deepspeed.utils.groups``, which ``deepspeed.comm.destroy_process_group`` releases. Groups
+    can still outlive this (importing DeepSpeed adds references from C++), which is why the
+    command-line entry points leave through ``pretrain.cli.exit_process``.
+    """
+    if not dist.is_initialized():
+        return
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        deepspeed_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()

@@ -119,3 +119,42 @@ def test_cpu_budget_is_logged_and_too_many_workers_warned(caplog: pytest.LogCapt
 @pytest.mark.parametrize("cpus,text", [([0, 1, 2, 3, 8, 10, 11], "0-3,8,10-11"), ([5], "5"), ([], "")])
 def test_cpu_list_notation(cpus: list[int], text: str) -> None:
     assert cpu_list(cpus) == text
+
+
+EXIT_SCRIPT = """
+import atexit, logging, os, socket, sys
+import torch.distributed as dist
+from pretrain.cli import exit_process
+from pretrain.distributed import shutdown_distributed
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+import deepspeed
+from deepspeed.utils import groups
+deepspeed.init_distributed("gloo")
+groups._get_data_parallel_group()
+shutdown_distributed()
+print("deepspeed world group released:", groups._WORLD_GROUP is None, end="")
+logging.basicConfig()
+logging.getLogger("t").warning("last log line")
+atexit.register(lambda: print("ATEXIT RAN", flush=True))
+exit_process(75)
+"""
+
+
+def test_exit_process_releases_groups_flushes_and_skips_the_interpreter_teardown() -> None:
+    """Why ``exit_process`` exists: see its docstring (SIGABRT at exit from process groups alive in C++).
+
+    The status comes through, block-buffered stdout and logging are flushed, DeepSpeed's cached
+    group is released by ``shutdown_distributed``, and no atexit handler (nor C++ static
+    destructor) runs.
+    """
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], capture_output=True, text=True, timeout=180,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 75, result.stderr[-3000:]
+    assert result.stdout.endswith("deepspeed world group released: True"), result.stdout
+    assert "last log line" in result.stderr
+    assert "ATEXIT RAN" not in result.stdout

@@ -211,7 +211,8 @@ class TrainStream:
     add up what the handed-out batches met and read.
     """
 
-    def __init__(self, plan: _Plan, order: Order, plan_id: str, start: int, prefetch: int, device: torch.device):
+    def __init__(self, plan: _Plan, order: Order, plan_id: str, start: int, prefetch: int,
+                 device: Optional[torch.device]):
         self.order, self.plan_id, self.seed, self.grad_accum = order, plan_id, plan.seed, plan.grad_accum
         self.img_size, self.device = plan.img_size, device
         self.corrupt_samples = 0
@@ -244,7 +245,7 @@ class TrainStream:
         self.corrupt_samples += corrupt
         self.bytes_read += read
         self.last_keys = keys
-        if isinstance(images, EncodedBatch):
+        if isinstance(images, EncodedBatch) and self.device is not None:
             try:
                 images = finish_batch(images, self.img_size, self.device)
             except RuntimeError as err:
@@ -272,10 +273,13 @@ def _start_step(order: Order, plan_id: str, seed: int, position: Optional[Stream
 
 
 def build_train_stream(cfg: DataConfig, *, img_size: int, seed: int, rank: int, world_size: int,
-                       position: Optional[StreamPosition] = None, device: torch.device | str = "cpu") -> TrainStream:
+                       position: Optional[StreamPosition] = None, device: Optional[torch.device | str] = "cpu"
+                       ) -> TrainStream:
     """The train stream of ``rank``, starting at ``position`` (the start of epoch 0 if None).
 
-    ``device`` is where ``data.decode=gpu`` decodes (the training device); the CPU paths ignore it.
+    ``device`` is where ``data.decode=gpu`` decodes (the training device); None hands out the
+    workers' ``EncodedBatch`` as it is (what ``benchmarks/data_throughput.py`` measures as the
+    GPU path's CPU side). The CPU paths ignore it.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
@@ -301,4 +305,4 @@ def build_train_stream(cfg: DataConfig, *, img_size: int, seed: int, rank: int, 
                         "`python -m data_tools index %s` once to build them ahead)", missing, len(data.urls),
                         cfg.train_shards)
     start = _start_step(order, data.plan, seed, position) * plan.grad_accum
-    return TrainStream(plan, order, data.plan, start, prefetch, torch.device(device))
+    return TrainStream(plan, order, data.plan, start, prefetch, None if device is None else torch.device(device))

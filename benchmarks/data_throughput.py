@@ -12,6 +12,14 @@ others, timed from its first batch, and reports its best epoch.
 
     python benchmarks/data_throughput.py [--images 1000] [--workers 2]
 
+The stream runs on each decode path (``data.decode``): ``stream`` (``cpu``, the default: JPEGs
+decoded at a reduced DCT scale where the crop keeps its resolution, which at 224 px crops of
+500x375 images is never), ``stream_cpu_full`` and ``stream_gpu_cpu_side`` (``gpu``: reading,
+header parsing and crop drawing only; the decode runs on the GPU, not measured here). Each
+reports ``*_cpu_cores_per_gpu_at_4200``: CPU ms/image x 4.2, the cores one GPU at the ViT-B/16
+target of 4,200 img/s needs for its input. ``draft_half_scale_decode_speedup`` is what a
+1/2-scale JPEG decode saves over a full one on these images, where a crop allows it.
+
 Wall-clock images/s with workers is what training sees, but on a shared machine it
 swings with other jobs; the same pipelines in one process (``num_workers=0``) also
 report CPU milliseconds per image, which do not. Time to the first step after a resume at
@@ -45,11 +53,14 @@ from torchvision.datasets import ImageFolder
 from data_tools.index import index_directory
 from pretrain.config import DataConfig
 from pretrain.train_stream import build_train_stream
+from pretrain.transforms import decode_rgb, read_header
 
 IMG_SIZE = 224
 CLASSES = 10
 RESUME_AT = (10, 50, 90)
 """Positions (percent of an epoch) at which time to first step after a resume is measured."""
+TARGET_IMAGES_PER_S = 4200
+"""Issue 14's ViT-B/16 target per H100: CPU ms/image x 4.2 = CPU cores one GPU needs for its input."""
 
 
 def make_images(root: Path, count: int, seed: int = 0) -> list[tuple[Path, int]]:
@@ -132,6 +143,21 @@ def best_costs(pipelines: dict[str, Callable[[], Iterable]], images: int, repeat
     return {name: (max(r for r, _ in values), min(c for _, c in values)) for name, values in runs.items()}
 
 
+def draft_speedup(items: list[tuple[Path, int]], repeats: int) -> float:
+    """CPU time of full-scale over 1/2-scale JPEG decodes of ``items`` (best of ``repeats`` each)."""
+    datas = [path.read_bytes() for path, _ in items]
+    costs = []
+    for reduce in (1, 2):
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.process_time()
+            for data in datas:
+                decode_rgb(read_header(data), data, reduce)
+            best = min(best, time.process_time() - start)
+        costs.append(best)
+    return costs[0] / costs[1]
+
+
 def best_resume(cfg: DataConfig, percent: int, repeats: int) -> tuple[float, int]:
     """Fastest time (and bytes read) from building a stream resumed at ``percent`` % of epoch 3 to its
     first step's batch, in one process: the position is arithmetic, so this should not grow with ``percent``."""
@@ -172,10 +198,15 @@ def main() -> None:
         decode = DecodeOnly([p for p, _ in items])
 
         def pipelines(workers: int) -> dict[str, Callable[[], Iterable]]:
-            cfg = DataConfig(train_shards=str(root / "shards"), global_batch_size=args.batch,
-                             micro_batch_size=args.batch, num_workers=workers)
+            def stream(decode: str) -> Callable[[], Iterable]:
+                cfg = DataConfig(train_shards=str(root / "shards"), global_batch_size=args.batch,
+                                 micro_batch_size=args.batch, num_workers=workers, decode=decode)
+                return lambda: build_train_stream(cfg, img_size=IMG_SIZE, seed=0, rank=0, world_size=1, device=None)
+
             return {
-                "stream": lambda: build_train_stream(cfg, img_size=IMG_SIZE, seed=0, rank=0, world_size=1),
+                "stream": stream("cpu"),
+                "stream_cpu_full": stream("cpu_full"),
+                "stream_gpu_cpu_side": stream("gpu"),
                 "imagefolder": lambda: DataLoader(folder, batch_size=args.batch, shuffle=True, num_workers=workers),
                 "decode_only": lambda: DataLoader(decode, batch_size=args.batch, num_workers=workers),
             }
@@ -186,9 +217,13 @@ def main() -> None:
                   for at in RESUME_AT}
         parallel = best_costs(pipelines(args.workers), args.images, args.repeats)
         single = best_costs(pipelines(0), args.images // 4, args.repeats)
-        print(f"{'':12s} {args.workers} workers: images/s   1 process: CPU ms/image")
+        draft = draft_speedup(items[:args.images // 4], args.repeats)
+        print(f"{'':20s} {args.workers} workers: images/s   1 process: CPU ms/image   CPU cores per GPU at "
+              f"{TARGET_IMAGES_PER_S} img/s")
         for name in parallel:
-            print(f"{name:12s} {parallel[name][0]:20.1f} {single[name][1]:22.2f}")
+            print(f"{name:20s} {parallel[name][0]:20.1f} {single[name][1]:22.2f} "
+                  f"{single[name][1] * TARGET_IMAGES_PER_S / 1000:20.1f}")
+        print(f"JPEG decode at 1/2 DCT scale vs full: {draft:.2f}x faster (where a crop allows it)")
         for at, (seconds, read) in resume.items():
             print(f"resume at {at:3d} % of an epoch: first step after {seconds:.3f} s, {read / 1e6:.2f} MB read")
 
@@ -197,6 +232,8 @@ def main() -> None:
     for name in parallel:
         figures[f"{name}_images_per_s"] = round(parallel[name][0], 1)
         figures[f"{name}_cpu_ms_per_image"] = round(single[name][1], 3)
+        figures[f"{name}_cpu_cores_per_gpu_at_{TARGET_IMAGES_PER_S}"] = round(single[name][1] * TARGET_IMAGES_PER_S / 1000, 2)
+    figures["draft_half_scale_decode_speedup"] = round(draft, 3)
     for a, b in (("stream", "imagefolder"), ("stream", "decode_only"), ("imagefolder", "decode_only")):
         figures[f"{a}_vs_{b}"] = round(parallel[a][0] / parallel[b][0], 3)
         figures[f"{a}_vs_{b}_cpu"] = round(single[b][1] / single[a][1], 3)

@@ -304,7 +304,7 @@ def start(cfg: FinetuneConfig, flag: PreemptionFlag) -> Run:
                  state.step, cfg.schedule.total_steps, cfg.data.global_batch_size, parts.accum)
     position = StreamPosition.from_dict(state.position) if state.position else None
     stream = build_train_stream(cfg.data, img_size=cfg.model.img_size, seed=cfg.run.seed, rank=env.rank,
-                                world_size=env.world_size, position=position)
+                                world_size=env.world_size, position=position, device=acc.device)
     throughput = Throughput(flops_per_image(acc.unwrap_model(parts.model)), env.world_size,
                             device_peak_tflops(acc.device, cfg.logging.peak_tflops), cfg.model.grad_checkpointing)
     writer = MetricsWriter(cfg.run.path, enabled=acc.is_main_process, tensorboard=cfg.logging.tensorboard)

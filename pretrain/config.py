@@ -130,6 +130,12 @@ class DataConfig:
     shuffle_buffer: int = 5000
     """Unused: the train order is a permutation (``pretrain/order``), not a buffer shuffle.
     Still accepted so that recipes written before it load."""
+    decode: Literal["cpu", "cpu_full", "gpu"] = "cpu"
+    """Where train JPEGs are decoded. ``cpu``: in the loader workers, at a reduced DCT scale where
+    the crop keeps its resolution (``pretrain/transforms.py``); ``cpu_full``: in the workers, always
+    at full scale; ``gpu``: workers hand over the encoded bytes and each crop, the training process
+    decodes the micro-batch with nvJPEG and crops on the device (``pretrain/decode.py``). The same
+    samples and crops on every path; pixels differ slightly between them (README)."""
     randaugment: Optional[list[int]] = None
     """RandAugment ``[num_ops, magnitude]``, e.g. ``[2, 10]``; None disables it."""
     rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
@@ -143,6 +149,13 @@ class DataConfig:
     """MixUp alpha; 0 disables."""
     cutmix: float = 0.0
     """CutMix alpha; 0 disables."""
+
+    def decode_errors(self) -> list[str]:
+        """Settings the chosen decode path cannot honour."""
+        if self.decode == "gpu" and self.randaugment is not None:
+            return [f"data.decode=gpu does not run RandAugment (data.randaugment={self.randaugment}): use "
+                    "data.decode=cpu with RandAugment, or data.randaugment=null with the GPU decode path"]
+        return []
 
 
 @dataclass
@@ -306,6 +319,7 @@ def validate_common(cfg: Any, world_size: int, check_paths: bool) -> None:
         errors.append(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
     if data.randaugment is not None and len(data.randaugment) != 2:
         errors.append(f"data.randaugment must be [num_ops, magnitude], got {data.randaugment}")
+    errors += data.decode_errors()
     if not data.train_shards:
         errors.append("data.train_shards is empty: point it at a shard directory (python -m data_tools convert)")
     if check_paths:

@@ -144,7 +144,7 @@ def setup(cfg: Config, env: DistEnv, device: torch.device, flag: PreemptionFlag)
     # The order is the same on every world size: the saved position holds after a resize too.
     position = StreamPosition.from_dict(client["stream_position"]) if client else None
     stream = build_train_stream(cfg.data, img_size=cfg.model.img_size, seed=cfg.run.seed, rank=env.rank,
-                                world_size=env.world_size, position=position)
+                                world_size=env.world_size, position=position, device=device)
     eval_stream = (build_eval_stream(cfg.data, img_size=cfg.model.img_size, rank=env.rank, world_size=env.world_size)
                    if cfg.data.eval_shards else None)
 

@@ -16,6 +16,10 @@
   replacement is a function of the slot alone, so determinism and resume are kept.
 * **Memory** is bounded by ``data.loader_memory_mb``: the prefetch depth is derived
   from it (see ``loader_memory``), and the bound is logged at start.
+* **Decode path** (``data.decode``): workers decode and crop (``cpu``, ``cpu_full``), or
+  draw the crops and hand over the encoded bytes, which ``__next__`` decodes on the
+  training device (``gpu``, ``pretrain.decode``). Either way the stream yields uint8
+  (B, 3, H, W) batches; with ``gpu`` they are already on the device.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from data_tools.index import index_path
 from pretrain.config import DataConfig
 from pretrain.data import CorruptLog, collate, decode_sample, derive_seed, loader
+from pretrain.decode import EncodedBatch, build_encoded_crop, collate_encoded, finish_batch
 from pretrain.order import Order
 from pretrain.reader import CorruptSampleError, ShardReader
 from pretrain.shards import train_data
@@ -49,8 +54,9 @@ WORKER_RESERVE_MB = 64
 """Per worker, besides its decoded batches: one encoded sample, decode buffers and the shard-index
 LRU (half of it); an i21k sample is ~110 KB, a 9,000-sample shard's index ~1.2 MB in memory."""
 
-TrainBatch = tuple[torch.Tensor, torch.Tensor, int, list[str], int]
-"""Images uint8 (B, 3, H, W), labels int64 (B,), corrupt samples replaced, keys used, bytes read."""
+TrainBatch = tuple[torch.Tensor | EncodedBatch, torch.Tensor, int, list[str], int]
+"""Images uint8 (B, 3, H, W) (encoded with ``data.decode=gpu``), labels int64 (B,), corrupt samples
+replaced, keys used, bytes read."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +112,7 @@ class _Builder:
     def __init__(self, plan: _Plan):
         self.plan, self.order = plan, plan.order()
         self.reader = ShardReader(plan.urls, plan.index_budget)
-        self.transform: Callable = build_train_transform(plan.cfg, plan.img_size)
+        self.transform, self.collate = _worker_steps(plan.cfg, plan.img_size)
         self.corrupt = CorruptLog()
         self.epoch = -1
 
@@ -131,7 +137,7 @@ class _Builder:
                     decoded, attempt = self._decode(shard, index, seed), attempt + 1
                 out.append(decoded)
                 keys.append(self.reader.key(shard, index))
-        images, labels = collate(out)
+        images, labels = self.collate(out)
         return images, labels, self.corrupt.count - before, keys, self.reader.bytes_read - read_before
 
     def _replacement(self, epoch: int, step: int, slot: int, attempt: int) -> tuple[int, int]:
@@ -151,6 +157,13 @@ class _Builder:
             return None
         torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed costs 100x more
         return decode_sample(raw, self.transform, self.corrupt)
+
+
+def _worker_steps(cfg: DataConfig, img_size: int) -> tuple[Callable, Callable]:
+    """(per-sample transform, collate) of the workers for ``data.decode``; bad settings raise ``ValueError``."""
+    if cfg.decode == "gpu":
+        return build_encoded_crop(cfg, img_size), collate_encoded
+    return build_train_transform(cfg, img_size), collate
 
 
 class _TrainDataset(IterableDataset):
@@ -198,8 +211,10 @@ class TrainStream:
     add up what the handed-out batches met and read.
     """
 
-    def __init__(self, plan: _Plan, order: Order, plan_id: str, start: int, prefetch: int):
+    def __init__(self, plan: _Plan, order: Order, plan_id: str, start: int, prefetch: int,
+                 device: Optional[torch.device]):
         self.order, self.plan_id, self.seed, self.grad_accum = order, plan_id, plan.seed, plan.grad_accum
+        self.img_size, self.device = plan.img_size, device
         self.corrupt_samples = 0
         self.bytes_read = 0
         self.last_keys: list[str] = []
@@ -230,6 +245,12 @@ class TrainStream:
         self.corrupt_samples += corrupt
         self.bytes_read += read
         self.last_keys = keys
+        if isinstance(images, EncodedBatch) and self.device is not None:
+            try:
+                images = finish_batch(images, self.img_size, self.device)
+            except RuntimeError as err:
+                raise RuntimeError(f"decoding the micro-batch of {keys} on {self.device} failed; data.decode=cpu "
+                                   "finds and replaces corrupt images in the workers") from err
         return images, labels
 
     def close(self) -> None:
@@ -252,8 +273,14 @@ def _start_step(order: Order, plan_id: str, seed: int, position: Optional[Stream
 
 
 def build_train_stream(cfg: DataConfig, *, img_size: int, seed: int, rank: int, world_size: int,
-                       position: Optional[StreamPosition] = None) -> TrainStream:
-    """The train stream of ``rank``, starting at ``position`` (the start of epoch 0 if None)."""
+                       position: Optional[StreamPosition] = None, device: Optional[torch.device | str] = "cpu"
+                       ) -> TrainStream:
+    """The train stream of ``rank``, starting at ``position`` (the start of epoch 0 if None).
+
+    ``device`` is where ``data.decode=gpu`` decodes (the training device); None hands out the
+    workers' ``EncodedBatch`` as it is (what ``benchmarks/data_throughput.py`` measures as the
+    GPU path's CPU side). The CPU paths ignore it.
+    """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     data = train_data(cfg, seed)
@@ -262,7 +289,7 @@ def build_train_stream(cfg: DataConfig, *, img_size: int, seed: int, rank: int, 
     if cfg.micro_batch_size <= 0 or cfg.global_batch_size % (cfg.micro_batch_size * world_size):
         raise ValueError(f"data.global_batch_size={cfg.global_batch_size} is not a multiple of "
                          f"data.micro_batch_size={cfg.micro_batch_size} x world size {world_size}")
-    build_train_transform(cfg, img_size)  # reject bad augmentation settings here, not in a worker
+    _worker_steps(cfg, img_size)  # reject bad augmentation settings here, not in a worker
     prefetch, bound_mb = loader_memory(cfg, img_size)
     plan = _Plan(data.urls, order.lengths.tolist(), cfg, img_size, seed, order.streams, rank, world_size,
                  WORKER_RESERVE_MB * 2**20 // 2)
@@ -278,4 +305,4 @@ def build_train_stream(cfg: DataConfig, *, img_size: int, seed: int, rank: int, 
                         "`python -m data_tools index %s` once to build them ahead)", missing, len(data.urls),
                         cfg.train_shards)
     start = _start_step(order, data.plan, seed, position) * plan.grad_accum
-    return TrainStream(plan, order, data.plan, start, prefetch)
+    return TrainStream(plan, order, data.plan, start, prefetch, None if device is None else torch.device(device))

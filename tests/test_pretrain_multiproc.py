@@ -95,11 +95,11 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
         time.sleep(0.2)
 
 
-def interrupt(run_dir: Path, shards: Path, stop_after: int, sig: int, victims: str) -> tuple[int, str]:
+def interrupt(run_dir: Path, shards: Path, stop_after: int, sig: int, victims: str, *extra: str) -> tuple[int, str]:
     """Start a 2-process run, send ``sig`` once step ``stop_after`` is logged; return torchrun's status and log."""
     log_file = run_dir.parent / f"{run_dir.name}-{stop_after}.log"
     with open(log_file, "w") as out:
-        proc = subprocess.Popen(pretrain_cmd(2, run_dir, shards), cwd=REPO, env=worker_env(), stdout=out,
+        proc = subprocess.Popen(pretrain_cmd(2, run_dir, shards, *extra), cwd=REPO, env=worker_env(), stdout=out,
                                 stderr=subprocess.STDOUT)
         try:
             metrics = run_dir / "metrics.jsonl"
@@ -212,6 +212,19 @@ def test_resume_matches_uninterrupted(reference: tuple[Path, str], demo_shards: 
     check_ok(run_pretrain(2, run_dir, demo_shards))
     ref, resumed = losses(reference[0]), losses(run_dir)
     print(f"SIGUSR1 after step {stop_after}, kill -9 after step {kill_after}: {len(ref)} losses compared")
+    assert resumed == ref, {s: (ref[s], resumed.get(s)) for s in ref if ref[s] != resumed.get(s)}
+
+
+def test_gpu_decode_path_resumes_with_the_cpu_paths_losses(reference: tuple[Path, str], demo_shards: Path,
+                                                            tmp_path: Path) -> None:
+    """data.decode=gpu (device side on the CPU here): kill -9 one worker after the step-20 checkpoint, resume:
+    every loss equals the CPU-decoded reference's (tolerance 0: same crops, same pixels; the demo's PNGs are
+    cropped in the workers by the CPU path's code, the JPEG route is compared in tests/test_decode.py)."""
+    run_dir = tmp_path / "run"
+    status, _ = interrupt(run_dir, demo_shards, random.Random().randint(21, 27), signal.SIGKILL, "one", "data.decode=gpu")
+    assert status != 0 and (run_dir / "checkpoints" / "latest").read_text() == "step_00000020"
+    check_ok(run_pretrain(2, run_dir, demo_shards, "data.decode=gpu"))
+    ref, resumed = losses(reference[0]), losses(run_dir)
     assert resumed == ref, {s: (ref[s], resumed.get(s)) for s in ref if ref[s] != resumed.get(s)}
 
 

@@ -219,6 +219,8 @@ class LoggingConfig:
     """TensorBoard and console output."""
 
     every_steps: int = 10
+    """Console line every this many steps; also the longest a step's values wait on the device before
+    they are read (and a stop signal before it is acted on): ``pretrain.step_window``."""
     tensorboard: bool = True
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s per device for MFU; None looks the device up in a table."""

@@ -100,12 +100,10 @@ def current_lr(engine: Any) -> float:
     return float(engine.get_lr()[0])
 
 
-def grad_norm(engine: Any) -> float:
-    """Global gradient norm of the last optimizer step (before clipping); NaN if DeepSpeed has none."""
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return float("nan")
-    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+def global_grad_norm(engine: Any) -> Any:
+    """Global gradient norm of the last optimizer step (before clipping) as DeepSpeed keeps it, not read back:
+    a device tensor, a float, or None (``pretrain.step_window`` reads it at the next sync point)."""
+    return engine.get_global_grad_norm()
 
 
 class _SkipWhenOverflow:

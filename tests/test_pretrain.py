@@ -111,6 +111,28 @@ def test_deepspeed_config_is_derived() -> None:
         grad_accum_steps(cfg, world_size=48)
 
 
+@pytest.mark.parametrize("gpu", [False, True])
+def test_deepspeed_communication_per_stage(gpu: bool) -> None:
+    """Overlap on GPUs for every ZeRO stage, buckets below a ViT-B's size, fp32 gradient accumulation and
+    reduction for bf16 at stages 2-3 only (stage 1 would switch DeepSpeed to another optimizer wrapper)."""
+    cfg = Config()
+    zero, dtypes = {}, {}
+    for stage, precision in [(0, "bf16"), (1, "bf16"), (2, "bf16"), (3, "bf16"), (2, "fp32")]:
+        cfg.deepspeed.zero_stage, cfg.deepspeed.precision = stage, precision
+        ds = deepspeed_config(cfg, world_size=8, gpu=gpu)
+        zero[stage, precision] = ds["zero_optimization"]
+        dtypes[stage, precision] = (ds.get("data_types"), ds.get("communication_data_type"))
+    assert zero[0, "bf16"] == {"stage": 0}
+    for stage in (1, 2, 3):
+        assert zero[stage, "bf16"]["overlap_comm"] is gpu
+        assert zero[stage, "bf16"]["reduce_bucket_size"] < 86_000_000  # ViT-B/16: several overlapped buckets
+    assert "allgather_bucket_size" in zero[2, "bf16"] and "allgather_bucket_size" not in zero[3, "bf16"]
+    assert zero[3, "bf16"]["stage3_prefetch_bucket_size"] > 0 and zero[3, "bf16"]["stage3_param_persistence_threshold"] > 0
+    fp32_grads = ({"grad_accum_dtype": "fp32"}, "fp32")
+    assert dtypes[2, "bf16"] == dtypes[3, "bf16"] == fp32_grads
+    assert dtypes[0, "bf16"] == dtypes[1, "bf16"] == dtypes[2, "fp32"] == (None, None)
+
+
 def test_recipes_load_and_derive_for_their_cluster_sizes() -> None:
     recipes = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
     assert {p.stem for p in recipes} >= {"demo", "vit_b16_i21k", "vit_l16_i21k", "vit_h14_i21k_zero3"}

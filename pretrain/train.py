@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import torch
 
-from pretrain import collective
+from pretrain import collective, micro_batch
 from pretrain.checkpoint import (MARKER, Checkpoint, CheckpointDir, convert_to_universal, load_deepspeed,
                                  param_shapes, save_deepspeed, universal_path)
 from pretrain.config import Config, config_to_dict, dump_config
@@ -57,7 +57,7 @@ def check_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """Every check that can run without a process group; returns the DeepSpeed config dict."""
     cfg.validate(world_size)
     check_training(cfg)
-    return deepspeed_config(cfg, world_size)
+    return deepspeed_config(micro_batch.placeholder(cfg, world_size), world_size)
 
 
 @dataclass
@@ -133,11 +133,14 @@ def setup(cfg: Config, env: DistEnv, device: torch.device, flag: PreemptionFlag)
     run_dir = cfg.run.path
     ckdir = CheckpointDir(run_dir / "checkpoints")
     latest, resized = resume_point(cfg, env)
-    grad_accum = grad_accum_steps(cfg, env.world_size)
+    dtype = DTYPES[cfg.deepspeed.precision]
 
     torch.manual_seed(cfg.run.seed)
     model = build_vit(cfg.model.variant, **cfg.model.build_kwargs())
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    cfg = micro_batch.resolve(cfg, env.world_size, device, model, dtype, build_loss(cfg.optim),
+                              multihot=target_kind(cfg.optim) == "multihot")
+    grad_accum = grad_accum_steps(cfg, env.world_size)
     shapes = param_shapes(model)
     flops = flops_per_image(model)
     engine = build_engine(model, cfg, deepspeed_config(cfg, env.world_size, load_universal=resized))
@@ -167,7 +170,7 @@ def setup(cfg: Config, env: DistEnv, device: torch.device, flag: PreemptionFlag)
         loss_fn=build_loss(cfg.optim), ckdir=ckdir,
         writer=MetricsWriter(run_dir, env.is_main, cfg.logging.tensorboard),
         throughput=Throughput(flops, env.world_size, peak, recompute=cfg.model.grad_checkpointing),
-        flag=flag, shapes=shapes, grad_accum=grad_accum, dtype=DTYPES[cfg.deepspeed.precision],
+        flag=flag, shapes=shapes, grad_accum=grad_accum, dtype=dtype,
         window=StepWindow(device, grad_accum * env.world_size),
         keylog=KeyLog(run_dir, env.rank) if cfg.data.log_keys else None,
         state=state, last_saved=state.step if latest is not None else -1,

@@ -255,3 +255,32 @@ def test_a_stop_signal_between_sync_points_stops_at_the_next(process_group, demo
     assert CheckpointDir(tmp_path / "run" / "checkpoints").find().step == 4
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in logged if "train/loss" in row] == [1, 2, 3, 4]
+
+
+def test_auto_micro_batch_run_records_the_resolved_size(process_group, demo_shards: Path, tmp_path: Path) -> None:
+    """``auto`` on CPU resolves without probing (global 16 on 1 rank: 16) and the run directory's config says so."""
+    env, device = process_group
+    cfg = tiny_config(tmp_path / "run", demo_shards, "data.micro_batch_size=auto", "schedule.total_steps=1")
+    assert train(cfg, env, device) == 0
+    assert load_config(tmp_path / "run" / "config.yaml").data.micro_batch_size == 16
+
+
+def losses_of(run_dir: Path) -> list[float]:
+    return [row["train/loss"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "train/loss" in row]
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager(process_group, demo_shards: Path, tmp_path: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """``model.compile=true`` (inductor on CPU; about 70 s on 2 busy cores for this 1-block model) gives the eager
+    losses within float tolerance, and the first step's cost is logged against the later ones."""
+    env, device = process_group
+    common = ("schedule.total_steps=3", "checkpoint.every_steps=0", "data.micro_batch_size=8")
+    caplog.set_level("INFO", logger="pretrain")
+    assert train(tiny_config(tmp_path / "eager", demo_shards, *common), env, device) == 0
+    assert train(tiny_config(tmp_path / "compiled", demo_shards, "model.compile=true", *common), env, device) == 0
+    eager, compiled = losses_of(tmp_path / "eager"), losses_of(tmp_path / "compiled")
+    assert len(eager) == len(compiled) == 3
+    assert all(abs(a - b) < 1e-4 for a, b in zip(eager, compiled)), (eager, compiled)
+    assert "per later step: about" in caplog.text

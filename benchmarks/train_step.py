@@ -2,6 +2,8 @@
 
     python benchmarks/train_step.py                      # CPU defaults: Ti/16 at 112 px, batch 16, fp32
     python benchmarks/train_step.py --variant B/16 --img-size 224 --batch 128   # on a GPU: bf16, prints MFU
+    python benchmarks/train_step.py --variant B/16 --img-size 224 --batch 128 --compile   # all three compiled
+    torchrun --nproc_per_node 8 benchmarks/train_step.py ... # weak scaling: the engine on 8 ranks, batch per rank
 
 Figures (images/s, best of ``--repeats`` alternating rounds, so load changes hit every
 contender alike):
@@ -9,8 +11,15 @@ contender alike):
 * ``ours_plain``: ``pretrain.model`` ViT, ``torch.optim.AdamW``, softmax cross-entropy;
 * ``timm_plain``: timm's ``VisionTransformer`` built from ``ViTConfig.timm_kwargs()`` (same
   architecture and parameter count), same loop; ``ours_vs_timm`` = ours / timm;
-* ``ours_engine``: the same model in our DeepSpeed engine (``pretrain.engine``, ZeRO-2, one
-  process); ``engine_overhead`` = plain / engine (1.0 = no overhead).
+* ``ours_engine``: the same model in our DeepSpeed engine (``pretrain.engine``, ZeRO-2, every
+  process of the launch, ``--batch`` per process); ``engine_vs_plain`` = engine / plain per
+  device (target >= 0.95), ``engine_overhead`` its inverse.
+
+``--compile``: the plain loops run ``torch.compile``d modules and the engine is compiled the
+way ``model.compile`` does it (``engine.compile()``), so on a GPU the engine is compared with a
+plain compiled bf16 loop. Under ``torchrun`` with N processes the plain loops still run on each
+device alone and the engine spans all N: ``ours_engine_images_per_s`` (per device) at N against the
+same figure of a 1-process run is the weak-scaling efficiency (``launch/gpu_check.py`` does that).
 
 On a GPU the plain loops run under bf16 autocast and the engine in bf16, and MFU and HFU
 are reported from ``flops_per_image`` and the device's peak (``pretrain.metrics``; with
@@ -49,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every contender")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU/HFU (default: table)")
     return parser.parse_args()
 
@@ -81,8 +91,11 @@ def plain_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: b
     return step
 
 
-def engine_step(model: torch.nn.Module, cfg: Config, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    engine = build_engine(model, cfg, deepspeed_config(cfg, world_size=1))
+def engine_step(model: torch.nn.Module, cfg: Config, x: torch.Tensor, y: torch.Tensor, world_size: int,
+                compile_model: bool) -> Callable[[], None]:
+    engine = build_engine(model, cfg, deepspeed_config(cfg, world_size=world_size))
+    if compile_model:
+        engine.compile()
     x = x.to(engine.module.cls_token.dtype)
 
     def step() -> None:
@@ -96,13 +109,14 @@ def main() -> None:
     args = parse_args()
     import timm.models.vision_transformer as timm_vit
 
-    device = init_distributed(DistEnv.from_env())
+    env = DistEnv.from_env()
+    device = init_distributed(env)
     gpu = device.type == "cuda"
     img = args.img_size or (224 if gpu else 112)
     batch = args.batch or (128 if gpu else 16)
     cfg = Config()
     cfg.model.variant, cfg.model.img_size, cfg.model.num_classes = args.variant, img, args.num_classes
-    cfg.data.global_batch_size = cfg.data.micro_batch_size = batch
+    cfg.data.global_batch_size, cfg.data.micro_batch_size = batch * env.world_size, batch
     cfg.deepspeed.zero_stage, cfg.deepspeed.precision = 2, "bf16" if gpu else "fp32"
     cfg.schedule.total_steps, cfg.schedule.warmup_steps = 10_000, 10
 
@@ -117,8 +131,9 @@ def main() -> None:
     params = sum(p.numel() for p in ours.parameters())
     assert params == sum(p.numel() for p in timm_model.parameters()), "timm twin has another size"
 
-    steps = {"ours_plain": plain_step(ours, x, y, gpu), "timm_plain": plain_step(timm_model, x, y, gpu),
-             "ours_engine": engine_step(engine_model, cfg, x, y)}
+    plain_models = [torch.compile(m) if args.compile else m for m in (ours, timm_model)]
+    steps = {"ours_plain": plain_step(plain_models[0], x, y, gpu), "timm_plain": plain_step(plain_models[1], x, y, gpu),
+             "ours_engine": engine_step(engine_model, cfg, x, y, env.world_size, args.compile)}
     best: dict[str, float] = {}
     for _ in range(args.repeats):
         for name, step in steps.items():
@@ -130,9 +145,10 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if gpu else f"cpu x{torch.get_num_threads()} threads",
         "variant": args.variant, "img_size": img, "batch": batch, "params": params,
         "precision": cfg.deepspeed.precision, "zero_stage": cfg.deepspeed.zero_stage,
-        "grad_checkpointing": args.grad_checkpointing,
+        "grad_checkpointing": args.grad_checkpointing, "compile": args.compile, "world_size": env.world_size,
         **{f"{k}_images_per_s": round(v, 2) for k, v in best.items()},
         "ours_vs_timm": round(best["ours_plain"] / best["timm_plain"], 3),
+        "engine_vs_plain": round(best["ours_engine"] / best["ours_plain"], 3),
         "engine_overhead": round(best["ours_plain"] / best["ours_engine"], 3),
     }
     throughput = Throughput(flops_per_image(ours), 1, device_peak_tflops(device, args.peak_tflops),
@@ -141,7 +157,8 @@ def main() -> None:
         figures = throughput.utilisation(best[key])
         result[f"{key}_mfu"] = round(figures["perf/mfu"], 4) if figures else UNKNOWN
         result[f"{key}_hfu"] = round(figures["perf/hfu"], 4) if figures else UNKNOWN
-    print(json.dumps(result))
+    if env.rank == 0:
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

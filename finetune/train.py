@@ -34,7 +34,7 @@ from PIL import Image
 
 from data_tools.manifest import write_text_atomic
 from pretrain.checkpoint import CheckpointDir, check_shapes, param_shapes, save_collective
-from pretrain.config import config_to_dict, dump_config
+from pretrain.config import ConfigError, config_to_dict, dump_config
 from pretrain.data import build_eval_stream
 from pretrain.distributed import DistEnv, join
 from pretrain.engine import grad_accum_steps
@@ -94,6 +94,9 @@ def check_config(cfg: FinetuneConfig, world_size: int) -> None:
     """Every check that needs no process group and no weights (``ConfigError``, exit status 2)."""
     cfg.validate(world_size)
     check_training(cfg)
+    if cfg.data.micro_batch_size == "auto":
+        raise ConfigError("data.micro_batch_size: 'auto' is resolved by pretraining only; set an integer for "
+                          "finetuning (e.g. 32)")
 
 
 def join_job() -> DistEnv:

@@ -14,10 +14,14 @@ step's name and the tail of its output, exit status 1:
 4. export of the ZeRO-2 run; finetuning in bf16 (Accelerate DDP + autocast) at 2x the
    pretraining resolution (32 -> 64 px, pos-embed 8x8 -> 16x16); evaluation;
 5. ``finetune.predict`` on the GPU;
-6. ``benchmarks/train_step.py`` for ViT-B/16 at 224 in bf16 (img/s, MFU, HFU), without and with
-   activation recomputation.
+6. ``launch/step_sync_check.py``: steps between sync points make no synchronising CUDA call from
+   ``pretrain`` (``torch.cuda.set_sync_debug_mode("warn")``); DeepSpeed's own are counted;
+7. ``benchmarks/train_step.py`` for ViT-B/16 at 224 in bf16 with synthetic data (img/s, MFU, HFU, engine
+   vs plain loop): eager, ``torch.compile``d (the engine against a plain compiled bf16 loop), and eager
+   with activation recomputation; with more than one GPU visible, the engine on all of them
+   (weak scaling = per-GPU img/s on N GPUs / on 1).
 
-The last line is one JSON object with every figure. Budget: 8 minutes on one H100.
+The last line is one JSON object with every figure. Budget: 10 minutes on one H100.
 """
 
 from __future__ import annotations
@@ -206,12 +210,35 @@ def check(work: Path) -> dict[str, Any]:
                              ).strip().splitlines()[1].strip()
     lap("predict")
 
-    bench = [sys.executable, "benchmarks/train_step.py", "--variant", "B/16", "--img-size", "224", "--batch", "128"]
-    summary["train_step"] = last_json(run("train_step ViT-B/16 224 bf16", bench, timeout=240))
-    summary["train_step_recompute"] = last_json(run("train_step ViT-B/16 224 bf16, recomputation",
-                                                    [*bench, "--grad-checkpointing"], timeout=240))
+    sync = last_json(run("no synchronisation of ours between sync points",
+                         torchrun("launch/step_sync_check.py", str(shards), str(work / "sync_check"))))
+    summary["step_syncs"] = sync
+    lap("step_sync_check")
+
+    summary.update(benchmarks())
     lap("benchmarks")
     return summary
+
+
+def benchmarks() -> dict[str, Any]:
+    """ViT-B/16 at 224, bf16, synthetic data: eager, compiled, recomputation; weak scaling over the visible GPUs."""
+    import torch
+
+    args = ["benchmarks/train_step.py", "--variant", "B/16", "--img-size", "224", "--batch", "128"]
+    bench = [sys.executable, *args]
+    out = {"train_step": last_json(run("train_step ViT-B/16 224 bf16", bench, timeout=240))}
+    out["train_step_compiled"] = last_json(run("train_step ViT-B/16 224 bf16, torch.compile", [*bench, "--compile"],
+                                               timeout=420))
+    out["train_step_recompute"] = last_json(run("train_step ViT-B/16 224 bf16, recomputation",
+                                                [*bench, "--grad-checkpointing"], timeout=240))
+    gpus = torch.cuda.device_count()
+    if gpus > 1:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus), *args]
+        scaled = last_json(run(f"train_step ViT-B/16 on {gpus} GPUs", launch, timeout=300))
+        out["weak_scaling"] = {"gpus": gpus, "engine_images_per_s_per_gpu": scaled["ours_engine_images_per_s"],
+                               "efficiency": round(scaled["ours_engine_images_per_s"]
+                                                   / out["train_step"]["ours_engine_images_per_s"], 3)}
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:

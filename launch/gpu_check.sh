@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# `make gpu-check`: the whole product on one GPU, offline, in at most 8 minutes on one H100.
+# `make gpu-check`: the whole product on one GPU, offline, in at most 10 minutes on one H100.
 #
 #   make gpu-check                      # or: PYTHON=python3 launch/gpu_check.sh
 #
 # What it runs (launch/gpu_check.py): demo shards -> demo pretraining on NCCL in bf16 with ZeRO-2,
 # SIGKILL after a checkpoint and a resume whose losses must match -> the same with ZeRO-3 ->
 # export -> finetuning in bf16 at twice the resolution -> evaluation -> finetune.predict on the
-# GPU -> benchmarks/train_step.py, ViT-B/16 at 224 in bf16 (img/s, MFU, HFU). Any failing step
+# GPU -> no host sync of ours inside a step (launch/step_sync_check.py) -> benchmarks/train_step.py, ViT-B/16
+# at 224 in bf16 (img/s, MFU, HFU; eager, compiled, recomputation; weak scaling on >1 GPU). Any failing step
 # stops it with exit status 1 and that step's output; the last line is one JSON summary.
 # Without a CUDA GPU it refuses with exit status 2.
 #

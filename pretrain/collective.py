@@ -64,6 +64,15 @@ def sum_values(values: Sequence[float]) -> list[float]:
     return sum_(torch.tensor(list(values), dtype=torch.float64)).tolist()
 
 
+def min_int(value: int) -> int:
+    """The smallest ``value`` over all processes."""
+    if not active():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 def any_true(flag: bool) -> bool:
     """True if ``flag`` holds on at least one process."""
     return sum_values([float(flag)])[0] > 0

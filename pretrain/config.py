@@ -109,9 +109,10 @@ class DataConfig:
     eval_split: str = "val"
     global_batch_size: int = 4096
     """Images per optimizer step over all processes (DeepSpeed ``train_batch_size``)."""
-    micro_batch_size: int = 64
+    micro_batch_size: Union[int, Literal["auto"]] = 64
     """Images per process per forward (DeepSpeed ``train_micro_batch_size_per_gpu``);
-    gradient accumulation = global / (micro x world size)."""
+    gradient accumulation = global / (micro x world size). ``auto``: the largest power of two
+    dividing ``global / world`` that fits the device, probed at start (``pretrain.micro_batch``)."""
     eval_batch_size: int = 0
     """Per-process eval batch; 0 uses ``micro_batch_size``."""
     num_workers: int = 4
@@ -232,6 +233,8 @@ class LoggingConfig:
     """TensorBoard and console output."""
 
     every_steps: int = 10
+    """Console line every this many steps; also the longest a step's values wait on the device before
+    they are read (and a stop signal before it is acted on): ``pretrain.step_window``."""
     tensorboard: bool = True
     peak_tflops: Optional[float] = None
     """Peak dense TFLOP/s per device for MFU; None looks the device up in a table."""
@@ -301,15 +304,16 @@ def validate_common(cfg: Any, world_size: int, check_paths: bool) -> None:
             f"use a multiple of {patch} (e.g. {cfg.model.img_size // patch * patch or patch})"
         )
     data = cfg.data
-    per_step = data.micro_batch_size * world_size
-    if data.micro_batch_size <= 0 or data.global_batch_size % per_step:
+    micro = 1 if data.micro_batch_size == "auto" else data.micro_batch_size
+    per_step = micro * world_size
+    if micro <= 0 or data.global_batch_size % per_step:
         errors.append(
             f"data.global_batch_size={data.global_batch_size} is not divisible by "
             f"data.micro_batch_size={data.micro_batch_size} x world size {world_size} = {per_step}: "
             "set the global batch to a multiple of that, or change the micro-batch"
         )
-    if data.micro_batch_size > 0:
-        errors += _order_errors(data, world_size)
+    if micro > 0:
+        errors += _order_errors(dataclasses.replace(data, micro_batch_size=micro), world_size)
     if cfg.schedule.warmup_steps > cfg.schedule.total_steps:
         errors.append(
             f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds "

@@ -3,8 +3,9 @@
 Why a flag and not work in the handler: a handler runs between two bytecodes,
 possibly inside a collective; saving there would deadlock or write a torn
 checkpoint. SLURM sends SIGUSR1 (``--signal``) before the time limit and SIGTERM
-on preemption; the loop polls ``requested`` once per optimizer step and ranks
-agree on it with one all-reduce, so every rank stops after the same step.
+on preemption; the loop polls ``requested`` at each sync point (every
+``logging.every_steps`` steps at most, ``pretrain.step_window``) and ranks agree on
+it in that point's all-reduce, so every rank stops after the same step.
 
 Both ``main()``s install the flag before anything heavy is imported, so a signal
 during start-up is recorded too; the loop then exits 75 before its first step,

@@ -7,9 +7,12 @@ DeepSpeed universal checkpoint first (once, cached next to it).
 
 Per optimizer step every rank runs ``grad_accum`` micro-batches through
 ``engine.backward`` / ``engine.step`` (DeepSpeed applies the update on the last).
-Before that last ``step`` one all-reduce gives the mean loss, whether any rank
-saw a non-finite loss, and whether any rank got a stop signal, so all ranks take
-the same decisions at the same step.
+A step reads nothing back from the device: its loss and gradient norm wait in a
+``StepWindow`` until the next sync point (logging, checkpoint or evaluation step,
+the last step, the first step of the process), where one all-reduce gives every
+step's mean loss and whether any rank got a stop signal, so all ranks take the
+same decisions at the same step (``pretrain.step_window`` says what the deferral
+changes).
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ from typing import Any, Optional
 
 import torch
 
-from pretrain import collective
+from pretrain import collective, micro_batch
 from pretrain.checkpoint import (MARKER, Checkpoint, CheckpointDir, convert_to_universal, load_deepspeed,
                                  param_shapes, save_deepspeed, universal_path)
 from pretrain.config import Config, config_to_dict, dump_config
 from pretrain.data import build_eval_stream
 from pretrain.distributed import DistEnv
-from pretrain.engine import (build_engine, current_lr, deepspeed_config, grad_accum_steps, grad_norm,
+from pretrain.engine import (build_engine, current_lr, deepspeed_config, global_grad_norm, grad_accum_steps,
                              optimizer_state_elements, skip_step_if)
 from pretrain.evaluate import evaluate_model
 from pretrain.flops import flops_per_image
@@ -38,6 +41,7 @@ from pretrain.metrics import MetricsWriter, Throughput, console_line, device_pea
 from pretrain.model import build_vit
 from pretrain.optim import check_training
 from pretrain.signals import EXIT_PREEMPTED, PreemptionFlag
+from pretrain.step_window import StepRecord, StepWindow, first_step_report
 from pretrain.train_stream import StreamPosition, build_train_stream
 from pretrain.transforms import BatchPreprocessor
 
@@ -53,7 +57,7 @@ def check_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """Every check that can run without a process group; returns the DeepSpeed config dict."""
     cfg.validate(world_size)
     check_training(cfg)
-    return deepspeed_config(cfg, world_size)
+    return deepspeed_config(micro_batch.placeholder(cfg, world_size), world_size)
 
 
 @dataclass
@@ -67,11 +71,9 @@ class TrainState:
 
 @dataclass
 class StepResult:
-    loss: float
-    nonfinite: bool
-    stop: bool
+    loss_sum: torch.Tensor
+    """This rank's sum of its micro-batch losses, on the device (read at the next sync point)."""
     data_time: float
-    step_time: float
     keys: list[str] = field(default_factory=list)
     """``__key__`` of every sample this rank used in the step (all micro-batches)."""
 
@@ -95,9 +97,16 @@ class Run:
     shapes: dict[str, list[int]]
     grad_accum: int
     dtype: torch.dtype
+    window: StepWindow
     keylog: Optional[KeyLog] = None
     state: TrainState = field(default_factory=TrainState)
     last_saved: int = -1
+    window_start: float = 0.0
+    """``perf_counter`` when the current window's first step began."""
+    window_data_time: float = 0.0
+    first_step_s: Optional[float] = None
+    """Duration of this process' first step (torch.compile, warm-up; kept out of the throughput), once known."""
+    warmup_logged: bool = False
 
 
 # --------------------------------------------------------------------- setup
@@ -124,11 +133,14 @@ def setup(cfg: Config, env: DistEnv, device: torch.device, flag: PreemptionFlag)
     run_dir = cfg.run.path
     ckdir = CheckpointDir(run_dir / "checkpoints")
     latest, resized = resume_point(cfg, env)
-    grad_accum = grad_accum_steps(cfg, env.world_size)
+    dtype = DTYPES[cfg.deepspeed.precision]
 
     torch.manual_seed(cfg.run.seed)
     model = build_vit(cfg.model.variant, **cfg.model.build_kwargs())
     model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    cfg = micro_batch.resolve(cfg, env.world_size, device, model, dtype, build_loss(cfg.optim),
+                              multihot=target_kind(cfg.optim) == "multihot")
+    grad_accum = grad_accum_steps(cfg, env.world_size)
     shapes = param_shapes(model)
     flops = flops_per_image(model)
     engine = build_engine(model, cfg, deepspeed_config(cfg, env.world_size, load_universal=resized))
@@ -158,7 +170,8 @@ def setup(cfg: Config, env: DistEnv, device: torch.device, flag: PreemptionFlag)
         loss_fn=build_loss(cfg.optim), ckdir=ckdir,
         writer=MetricsWriter(run_dir, env.is_main, cfg.logging.tensorboard),
         throughput=Throughput(flops, env.world_size, peak, recompute=cfg.model.grad_checkpointing),
-        flag=flag, shapes=shapes, grad_accum=grad_accum, dtype=DTYPES[cfg.deepspeed.precision],
+        flag=flag, shapes=shapes, grad_accum=grad_accum, dtype=dtype,
+        window=StepWindow(device, grad_accum * env.world_size),
         keylog=KeyLog(run_dir, env.rank) if cfg.data.log_keys else None,
         state=state, last_saved=state.step if latest is not None else -1,
     )
@@ -167,19 +180,20 @@ def setup(cfg: Config, env: DistEnv, device: torch.device, flag: PreemptionFlag)
 # ---------------------------------------------------------------------- step
 
 
-def _agree(run: Run, loss_sum: torch.Tensor, nonfinite: int) -> tuple[float, bool, bool]:
-    """One all-reduce: mean loss over ranks and micro-batches, any non-finite, any stop signal."""
-    totals = torch.stack([loss_sum.double(), torch.tensor(float(nonfinite), dtype=torch.float64, device=run.device),
-                          torch.tensor(float(run.flag.requested), dtype=torch.float64, device=run.device)])
-    loss, bad, stop = collective.sum_(totals).tolist()
-    return loss / (run.grad_accum * run.env.world_size), bad > 0, stop > 0
+def _nonfinite_anywhere(loss_sum: torch.Tensor) -> bool:
+    """Whether any rank's loss sum is NaN/inf: one all-reduce and one host read (ZeRO stage 0 only)."""
+    return not bool(torch.isfinite(collective.sum_(loss_sum.detach().clone())))
 
 
 def train_step(run: Run) -> StepResult:
-    """One optimizer step over ``grad_accum`` micro-batches on every rank."""
-    engine, start = run.engine, time.perf_counter()
+    """One optimizer step over ``grad_accum`` micro-batches on every rank; reads nothing back from the device.
+
+    Except at ZeRO stage 0: there the update of a non-finite step is skipped by our switch
+    (``skip_step_if``), which needs the ranks' agreement on the host before ``engine.step()``.
+    """
+    engine = run.engine
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
-    nonfinite, data_time, keys = 0, 0.0, []
+    data_time, keys = 0.0, []
     for micro in range(run.grad_accum):
         tick = time.perf_counter()
         images, labels = next(run.stream)
@@ -188,16 +202,11 @@ def train_step(run: Run) -> StepResult:
         x, target = run.preprocess(images, labels, run.device, run.dtype)
         loss = run.loss_fn(engine(x), target)
         engine.backward(loss)
-        finite = bool(torch.isfinite(loss))
-        nonfinite += not finite
-        loss_sum += loss.detach().double() if finite else 0.0
-        if micro == run.grad_accum - 1:
-            mean_loss, any_bad, stop = _agree(run, loss_sum, nonfinite)
-            skip_step_if(engine, any_bad)
+        loss_sum += loss.detach().double()
+        if micro == run.grad_accum - 1 and engine.zero_optimization_stage() == 0:
+            skip_step_if(engine, _nonfinite_anywhere(loss_sum))
         engine.step()
-    finish_device_work(run.device)
-    return StepResult(mean_loss if not any_bad else float("nan"), any_bad, stop, data_time,
-                      time.perf_counter() - start, keys)
+    return StepResult(loss_sum, data_time, keys)
 
 
 # ---------------------------------------------------------------------- eval
@@ -231,27 +240,61 @@ def save(run: Run) -> bool:
     return saved is not None
 
 
-def record(run: Run, result: StepResult) -> None:
-    """Update counters and write this step's metrics (console line every ``logging.every_steps``)."""
+def advance(run: Run, result: StepResult) -> None:
+    """Host-side bookkeeping of a step: counters, key log, and its device values into the window."""
     state, cfg = run.state, run.cfg
     state.step += 1
     state.samples += cfg.data.global_batch_size
-    state.nonfinite_total += result.nonfinite
-    state.nonfinite_in_row = state.nonfinite_in_row + 1 if result.nonfinite else 0
-    run.throughput.add(cfg.data.global_batch_size, result.step_time, result.data_time)
+    run.window_data_time += result.data_time
     if run.keylog is not None:
         run.keylog.write(state.step, run.stream.epoch, result.keys)
-    scalars = {"train/loss": result.loss, "train/lr": current_lr(run.engine), "train/grad_norm": grad_norm(run.engine)}
-    if result.nonfinite:
-        log.warning("step %d: non-finite loss, update skipped (%d in a row, %d in total)", state.step,
-                    state.nonfinite_in_row, state.nonfinite_total)
-    if state.step % cfg.logging.every_steps == 0 or state.step == cfg.schedule.total_steps:
-        scalars.update(run.throughput.report())
-        scalars["perf/mem_gb"] = memory_gb(run.device)
-        scalars["train/nonfinite_steps"] = float(state.nonfinite_total)
-        scalars["train/samples"] = float(state.samples)
-        log.info(console_line(state.step, cfg.schedule.total_steps, scalars))
-    run.writer.write(state.step, scalars)
+    run.window.add(state.step, result.loss_sum, global_grad_norm(run.engine), current_lr(run.engine))
+
+
+def sync_due(run: Run, first_step: int) -> bool:
+    """Whether this step ends a window: logging, checkpoint, evaluation, last step, or the process' first step."""
+    cfg, step = run.cfg, run.state.step
+    return (step in (first_step, cfg.schedule.total_steps) or step % cfg.logging.every_steps == 0
+            or any(every and step % every == 0 for every in (cfg.checkpoint.every_steps, cfg.eval.every_steps)))
+
+
+def settle(run: Run) -> tuple[int, bool]:
+    """At a sync point: read the window, write its metrics; (longest non-finite streak in it, stop requested)."""
+    finish_device_work(run.device)
+    elapsed = time.perf_counter() - run.window_start
+    steps = len(run.window)
+    records, stop = run.window.resolve(run.flag.requested)
+    if run.first_step_s is None:
+        run.first_step_s = elapsed
+    else:
+        if not run.warmup_logged:
+            log.info(first_step_report(run.first_step_s, elapsed / steps))
+            run.warmup_logged = True
+        run.throughput.add(steps * run.cfg.data.global_batch_size, elapsed, run.window_data_time)
+    run.window_data_time = 0.0
+    return write_records(run, records), stop
+
+
+def write_records(run: Run, records: list[StepRecord]) -> int:
+    """Counters and metrics of the window's steps (console line at ``logging.every_steps``); longest non-finite streak."""
+    state, cfg = run.state, run.cfg
+    longest = 0
+    for record in records:
+        state.nonfinite_total += record.nonfinite
+        state.nonfinite_in_row = state.nonfinite_in_row + 1 if record.nonfinite else 0
+        longest = max(longest, state.nonfinite_in_row)
+        if record.nonfinite:
+            log.warning("step %d: non-finite loss, update skipped (%d in a row, %d in total)", record.step,
+                        state.nonfinite_in_row, state.nonfinite_total)
+        scalars = {"train/loss": record.loss, "train/lr": record.lr, "train/grad_norm": record.grad_norm}
+        if record.step % cfg.logging.every_steps == 0 or record.step == cfg.schedule.total_steps:
+            scalars.update(run.throughput.report())
+            scalars["perf/mem_gb"] = memory_gb(run.device)
+            scalars["train/nonfinite_steps"] = float(state.nonfinite_total)
+            scalars["train/samples"] = float(state.samples)
+            log.info(console_line(record.step, cfg.schedule.total_steps, scalars))
+        run.writer.write(record.step, scalars)
+    return longest
 
 
 def maybe_evaluate(run: Run, final: bool = False) -> None:
@@ -311,16 +354,20 @@ def _loop(run: Run) -> int:
     cfg, state = run.cfg, run.state
     if stopped_during_start_up(run.flag, state.step):
         return EXIT_PREEMPTED
+    first_step = state.step + 1
+    run.window_start = time.perf_counter()
     while state.step < cfg.schedule.total_steps:
-        result = train_step(run)
-        record(run, result)
-        if state.nonfinite_in_row >= cfg.optim.max_nonfinite_steps:
+        advance(run, train_step(run))
+        if not sync_due(run, first_step):
+            continue
+        longest_nonfinite, stop = settle(run)
+        if longest_nonfinite >= cfg.optim.max_nonfinite_steps:
             save(run)
-            log.error("stopping: %d optimizer steps in a row had a non-finite loss (NaN/inf); the weights are the "
-                      "last good ones and were saved at step %d. Lower optim.lr, check the data, or raise "
-                      "optim.max_nonfinite_steps", state.nonfinite_in_row, state.step)
+            log.error("stopping: %d optimizer steps in a row had a non-finite loss (NaN/inf), seen at step %d; their "
+                      "updates were skipped and the weights were saved at step %d. Lower optim.lr, check the data, "
+                      "or raise optim.max_nonfinite_steps", longest_nonfinite, state.step, state.step)
             return EXIT_NONFINITE
-        if result.stop:
+        if stop:
             ok = save(run)
             log.warning("received %s: %s at step %d, exiting with %d for requeue", run.flag.describe(),
                         "saved" if ok else "could NOT save", state.step, EXIT_PREEMPTED)
@@ -329,6 +376,7 @@ def _loop(run: Run) -> int:
         every = cfg.checkpoint.every_steps
         if every and state.step % every == 0 and state.step < cfg.schedule.total_steps:
             save(run)
+        run.window_start = time.perf_counter()
     if run.last_saved != state.step and not save(run):
         log.error("finished %d steps but the final checkpoint could not be saved", state.step)
         return 1

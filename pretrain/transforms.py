@@ -223,10 +223,17 @@ class BatchPreprocessor:
         mean, std = NORMALIZATION[cfg.normalize]
         self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
+        self._placed: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.num_classes = num_classes
         self.target = target
         mixers = [m(alpha=a, num_classes=num_classes) for m, a in ((v2.MixUp, cfg.mixup), (v2.CutMix, cfg.cutmix)) if a > 0]
         self.mix: Optional[Callable] = None if not mixers else mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std on ``device``, copied there once: a copy per micro-batch would wait for the device."""
+        if device not in self._placed:
+            self._placed[device] = (self.mean.to(device), self.std.to(device))
+        return self._placed[device]
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device | str,
                  dtype: torch.dtype = torch.float32, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,7 +248,8 @@ class BatchPreprocessor:
         non_blocking = device.type == "cuda"
         x = images.to(device, non_blocking=non_blocking).float()
         y = labels.to(device, non_blocking=non_blocking)
-        x = (x - self.mean.to(device)) / self.std.to(device)
+        mean, std = self._constants(device)
+        x = (x - mean) / std
         if train and self.mix is not None:
             x, y = self.mix(x, y)
         elif self.target == "multihot":

@@ -111,17 +111,44 @@ def test_deepspeed_config_is_derived() -> None:
         grad_accum_steps(cfg, world_size=48)
 
 
+@pytest.mark.parametrize("gpu", [False, True])
+def test_deepspeed_communication_per_stage(gpu: bool) -> None:
+    """Overlap on GPUs for every ZeRO stage, buckets below a ViT-B's size, fp32 gradient accumulation and
+    reduction for bf16 at stages 2-3 only (stage 1 would switch DeepSpeed to another optimizer wrapper)."""
+    cfg = Config()
+    zero, dtypes = {}, {}
+    for stage, precision in [(0, "bf16"), (1, "bf16"), (2, "bf16"), (3, "bf16"), (2, "fp32")]:
+        cfg.deepspeed.zero_stage, cfg.deepspeed.precision = stage, precision
+        ds = deepspeed_config(cfg, world_size=8, gpu=gpu)
+        zero[stage, precision] = ds["zero_optimization"]
+        dtypes[stage, precision] = (ds.get("data_types"), ds.get("communication_data_type"))
+    assert zero[0, "bf16"] == {"stage": 0}
+    for stage in (1, 2, 3):
+        assert zero[stage, "bf16"]["overlap_comm"] is gpu
+        assert zero[stage, "bf16"]["reduce_bucket_size"] < 86_000_000  # ViT-B/16: several overlapped buckets
+    assert "allgather_bucket_size" in zero[2, "bf16"] and "allgather_bucket_size" not in zero[3, "bf16"]
+    assert zero[3, "bf16"]["stage3_prefetch_bucket_size"] > 0 and zero[3, "bf16"]["stage3_param_persistence_threshold"] > 0
+    fp32_grads = ({"grad_accum_dtype": "fp32"}, "fp32")
+    assert dtypes[2, "bf16"] == dtypes[3, "bf16"] == fp32_grads
+    assert dtypes[0, "bf16"] == dtypes[1, "bf16"] == dtypes[2, "fp32"] == (None, None)
+
+
 def test_recipes_load_and_derive_for_their_cluster_sizes() -> None:
+    from pretrain.micro_batch import placeholder
+
     recipes = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
     assert {p.stem for p in recipes} >= {"demo", "vit_b16_i21k", "vit_l16_i21k", "vit_h14_i21k_zero3"}
     for path, world in [(p, 2 if p.stem == "demo" else 32) for p in recipes]:
         cfg = load_config(path)
         cfg.validate(world, check_paths=False)
-        ds = deepspeed_config(cfg, world)
+        ds = deepspeed_config(placeholder(cfg, world), world)
         assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * world * \
             ds["gradient_accumulation_steps"]
     h14 = load_config(REPO / "configs/pretrain/vit_h14_i21k_zero3.yaml")
     assert h14.deepspeed.zero_stage == 3 and h14.model.grad_checkpointing
+    gpu_recipes = [load_config(p) for p in recipes if p.stem != "demo"]
+    assert all(c.model.compile and c.data.micro_batch_size == "auto" for c in gpu_recipes)
+    assert not load_config(REPO / "configs/pretrain/demo.yaml").model.compile
     b16 = load_config(REPO / "configs/pretrain/vit_b16_i21k.yaml")
     assert (b16.data.global_batch_size, b16.optim.lr, b16.optim.weight_decay, b16.schedule.warmup_steps,
             b16.model.head_bias, b16.deepspeed.precision) == (4096, 1e-3, 0.1, 10000, -10.0, "bf16")
@@ -375,3 +402,34 @@ def test_ranks_wait_for_the_universal_conversion_on_the_file_system(tmp_path: Pa
     timer.start()
     assert convert_to_universal(checkpoint, rank=3, timeout_s=30) == out
     timer.join()
+
+
+# ------------------------------------------------------- auto micro-batch
+
+
+def test_auto_micro_batch_candidates_keep_the_global_batch_exact() -> None:
+    from pretrain.micro_batch import candidates, engine_state_bytes
+
+    assert candidates(512) == [512, 256, 128, 64, 32, 16, 8, 4, 2, 1]
+    assert candidates(24) == [8, 4, 2, 1] and candidates(1) == [1]
+    assert engine_state_bytes(86_000_000, 2, 8) < engine_state_bytes(86_000_000, 2, 1) == \
+        engine_state_bytes(86_000_000, 0, 8)
+
+
+@pytest.mark.parametrize("global_batch, world, expected", [(4096, 8, 64), (48, 1, 16), (96, 2, 16), (6, 2, 1)])
+def test_auto_micro_batch_on_cpu_is_capped_and_divides_the_share(global_batch: int, world: int, expected: int) -> None:
+    """No probe on CPU: the largest power of two dividing global / world, at most ``CPU_MAX`` (64)."""
+    from pretrain.micro_batch import placeholder, resolve
+
+    cfg = load_config(overrides=["data.micro_batch_size=auto", f"data.global_batch_size={global_batch}"])
+    resolved = resolve(cfg, world, torch.device("cpu"), model=None, dtype=torch.float32, loss_fn=None, multihot=False)
+    assert resolved.data.micro_batch_size == expected and cfg.data.micro_batch_size == "auto"
+    assert grad_accum_steps(resolved, world) * expected * world == global_batch
+    assert placeholder(cfg, world).data.micro_batch_size == global_batch // world
+
+
+def test_auto_micro_batch_config() -> None:
+    cfg = load_config(REPO / "configs/pretrain/demo.yaml", ["data.micro_batch_size=auto", "data.train_shards=x"])
+    cfg.validate(2, check_paths=False)
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        load_config(overrides=["data.micro_batch_size=big"])

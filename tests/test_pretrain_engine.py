@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -166,3 +169,118 @@ def test_every_collective_of_a_run_gets_tensors_on_the_engine_device(process_gro
     expected[0] = torch.device("meta")
     with pytest.raises(AssertionError, match="got a tensor on cpu; the engine is on meta"):
         collective.any_true(True)
+
+
+SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__")
+"""Tensor methods that copy a value to the host (on a GPU: wait for the device to drain its queue)."""
+HOST_SIDE = ("train_stream.py", "reader.py", "transforms.py", "data.py")
+"""The input pipeline's files: they read host tensors (labels, before the copy to the device)."""
+
+
+@pytest.fixture
+def host_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every host read of a tensor (``SYNCS``) made directly by ``pretrain`` code outside the input pipeline,
+    as ``file:line method``; DeepSpeed's and torch's own reads are not ours to remove and are not counted."""
+    reads: list[str] = []
+    package = str(REPO / "pretrain")
+
+    def counted(name, real):
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(package) and not caller.endswith(HOST_SIDE):
+                reads.append(f"{Path(caller).name}:{sys._getframe(1).f_lineno} {name}")
+            return real(self, *args, **kwargs)
+        return read
+
+    for name in SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    return reads
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_step_between_sync_points_reads_nothing_back(stage: int, process_group, host_reads: list[str],
+                                                       demo_shards: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps 2 and 3 of 4 (logging every 4, no checkpoint or eval in between) read no tensor value on the host;
+    the sync points (step 1, the process' first, and step 4) do, through the one window read."""
+    per_step: dict[int, list[str]] = {}
+    real_step, real_advance = train_module.train_step, train_module.advance
+
+    def step_then_advance(run, result):
+        real_advance(run, result)
+        per_step[run.state.step] = list(host_reads)
+        host_reads.clear()
+
+    def counted_step(run):
+        host_reads.clear()
+        return real_step(run)
+
+    monkeypatch.setattr(train_module, "train_step", counted_step)
+    monkeypatch.setattr(train_module, "advance", step_then_advance)
+    settled: list[int] = []
+    real_settle = train_module.settle
+
+    def counted_settle(run):
+        out = real_settle(run)
+        settled.append(len(host_reads))
+        return out
+
+    monkeypatch.setattr(train_module, "settle", counted_settle)
+    cfg = tiny_config(tmp_path / "run", demo_shards, f"deepspeed.zero_stage={stage}", "schedule.total_steps=4",
+                      "logging.every_steps=4", "checkpoint.every_steps=0", "data.micro_batch_size=8")
+    env, device = process_group
+    assert train(cfg, env, device) == 0
+    assert per_step[2] == [] and per_step[3] == [], per_step
+    assert len(settled) == 2 and all(n >= 1 for n in settled), settled
+
+
+def test_a_stop_signal_between_sync_points_stops_at_the_next(process_group, demo_shards: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGUSR1 during step 2 with logging every 4 steps: the run saves step 4 and exits 75; all 4 losses logged."""
+    from pretrain.signals import EXIT_PREEMPTED, PreemptionFlag
+
+    flag = PreemptionFlag()
+    real_step = train_module.train_step
+
+    def signalled_in_step_2(run):
+        if run.state.step == 1:
+            flag.signal = signal.SIGUSR1
+        return real_step(run)
+
+    monkeypatch.setattr(train_module, "train_step", signalled_in_step_2)
+    cfg = tiny_config(tmp_path / "run", demo_shards, "schedule.total_steps=10", "logging.every_steps=4",
+                      "checkpoint.every_steps=0")
+    env, device = process_group
+    assert train(cfg, env, device, flag) == EXIT_PREEMPTED
+    assert CheckpointDir(tmp_path / "run" / "checkpoints").find().step == 4
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged if "train/loss" in row] == [1, 2, 3, 4]
+
+
+def test_auto_micro_batch_run_records_the_resolved_size(process_group, demo_shards: Path, tmp_path: Path) -> None:
+    """``auto`` on CPU resolves without probing (global 16 on 1 rank: 16) and the run directory's config says so."""
+    env, device = process_group
+    cfg = tiny_config(tmp_path / "run", demo_shards, "data.micro_batch_size=auto", "schedule.total_steps=1")
+    assert train(cfg, env, device) == 0
+    assert load_config(tmp_path / "run" / "config.yaml").data.micro_batch_size == 16
+
+
+def losses_of(run_dir: Path) -> list[float]:
+    return [row["train/loss"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "train/loss" in row]
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_eager(process_group, demo_shards: Path, tmp_path: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """``model.compile=true`` (inductor on CPU; about 70 s on 2 busy cores for this 1-block model) gives the eager
+    losses within float tolerance, and the first step's cost is logged against the later ones."""
+    env, device = process_group
+    common = ("schedule.total_steps=3", "checkpoint.every_steps=0", "data.micro_batch_size=8")
+    caplog.set_level("INFO", logger="pretrain")
+    assert train(tiny_config(tmp_path / "eager", demo_shards, *common), env, device) == 0
+    assert train(tiny_config(tmp_path / "compiled", demo_shards, "model.compile=true", *common), env, device) == 0
+    eager, compiled = losses_of(tmp_path / "eager"), losses_of(tmp_path / "compiled")
+    assert len(eager) == len(compiled) == 3
+    assert all(abs(a - b) < 1e-4 for a, b in zip(eager, compiled)), (eager, compiled)
+    assert "per later step: about" in caplog.text

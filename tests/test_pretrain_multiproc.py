@@ -96,10 +96,15 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
 
 
 def interrupt(run_dir: Path, shards: Path, stop_after: int, sig: int, victims: str, *extra: str) -> tuple[int, str]:
-    """Start a 2-process run, send ``sig`` once step ``stop_after`` is logged; return torchrun's status and log."""
+    """Start a 2-process run, send ``sig`` once step ``stop_after`` is logged; return torchrun's status and log.
+
+    The run logs every step: a run writes its losses at sync points only (``pretrain.step_window``),
+    and this watches them to time the signal; the losses themselves do not depend on it.
+    """
     log_file = run_dir.parent / f"{run_dir.name}-{stop_after}.log"
     with open(log_file, "w") as out:
-        proc = subprocess.Popen(pretrain_cmd(2, run_dir, shards, *extra), cwd=REPO, env=worker_env(), stdout=out,
+        proc = subprocess.Popen(pretrain_cmd(2, run_dir, shards, "logging.every_steps=1", *extra), cwd=REPO,
+                                env=worker_env(), stdout=out,
                                 stderr=subprocess.STDOUT)
         try:
             metrics = run_dir / "metrics.jsonl"

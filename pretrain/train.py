@@ -328,7 +328,7 @@ def train(cfg: Config, env: DistEnv, device: torch.device, flag: Optional[Preemp
             run.stream.close()
             if run.keylog is not None:
                 run.keylog.close()
-            run.engine.destroy()  # drops its gradient hooks, so that shutdown_distributed can free the groups
+            run.engine.destroy()  # drops its gradient hooks, which hold the engine and its groups from C++
 
 
 def stop_requested(flag: PreemptionFlag) -> bool:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from pretrain.keylog import read_step_keys
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,17 +42,6 @@ def _train(nproc: int, run_dir: Path, shards: Path, *extra: str) -> None:
     result = subprocess.run(_cmd(nproc, run_dir, shards, *extra), cwd=REPO, env=_env(), capture_output=True,
                             text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
-def step_keys(run_dir: Path) -> dict[int, list[str]]:
-    """Sorted keys of each global step over all ranks; a step logged twice (after a crash) counts as its last run."""
-    per_rank: dict[int, dict[int, list[str]]] = {}
-    for path in sorted((run_dir / "data_keys").glob("rank-*.jsonl")):
-        rank = int(path.stem.removeprefix("rank-"))
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            per_rank.setdefault(row["step"], {})[rank] = row["keys"]
-    return {step: sorted(k for keys in ranks.values() for k in keys) for step, ranks in per_rank.items()}
 
 
 def _kill_after(run_dir: Path, shards: Path, step: int) -> None:
@@ -82,13 +73,13 @@ def test_step_keys_are_one_function_of_the_step(demo_shards: Path, tmp_path: Pat
 
     _train(1, tmp_path / "w1", demo_shards, "data.num_workers=0")
     _train(4, tmp_path / "w4", demo_shards, "data.num_workers=2")
-    assert step_keys(tmp_path / "w1") == expected
-    assert step_keys(tmp_path / "w4") == expected
+    assert read_step_keys(tmp_path / "w1") == expected
+    assert read_step_keys(tmp_path / "w4") == expected
 
     chain = tmp_path / "chain"
     _kill_after(chain, demo_shards, 3)
     assert (chain / "checkpoints" / "latest").read_text() in ("step_00000002", "step_00000004")
     _train(1, chain, demo_shards, "schedule.total_steps=5", "data.num_workers=1")
     _train(4, chain, demo_shards, "data.num_workers=0")
-    assert step_keys(chain) == expected
+    assert read_step_keys(chain) == expected
     assert sorted(p.name for p in (chain / "data_keys").glob("*")) == [f"rank-{r}.jsonl" for r in range(4)]

@@ -77,8 +77,11 @@ class StreamPosition:
     def from_dict(cls, data: dict[str, Any]) -> "StreamPosition":
         names = [f for f in cls.__dataclass_fields__]
         ints = ("epoch", "step", "seed", "streams")
-        if (set(data) != set(names) or not all(isinstance(data[k], int) and data[k] >= 0 for k in ints)
-                or not isinstance(data["plan"], str)):
+        if set(data) != set(names):
+            raise ValueError(f"the checkpoint's data position {data!r} is not this version's {names}: it was "
+                             "written by a vitscale from before the train order of `pretrain.order` and cannot be "
+                             "mapped onto it; resume with the version that wrote it, or start a new run.dir")
+        if not all(isinstance(data[k], int) and data[k] >= 0 for k in ints) or not isinstance(data["plan"], str):
             raise ValueError(f"a stream position needs non-negative ints {list(ints)} and a plan string, got "
                              f"{data!r}")
         return cls(**data)

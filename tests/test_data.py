@@ -308,3 +308,11 @@ def test_batch_preprocessor_normalisation_and_targets():
     assert torch.equal(y, labels)
     with pytest.raises(ValueError, match="model.num_classes"):
         mixer(images, labels + 3, "cpu")
+
+
+def test_a_checkpoint_position_of_the_old_stream_names_the_way_out():
+    """Checkpoints before ``pretrain.order`` saved {epoch, batch, lanes}; they cannot resume onto the new order."""
+    with pytest.raises(ValueError, match="from before the train order .* start a new run.dir"):
+        StreamPosition.from_dict({"epoch": 3, "batch": 120, "lanes": 4})
+    with pytest.raises(ValueError, match="non-negative ints"):
+        StreamPosition.from_dict({"epoch": -1, "step": 0, "seed": 0, "streams": 4, "plan": "x"})

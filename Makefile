@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vitscale-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean-demo gpu-check gpu-wheels
+.PHONY: install test demo clean-demo gpu-check gpu-bench gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ clean-demo:
 # ./.venv, and installs ./wheels if present (header of launch/gpu_check.sh).
 gpu-check:
 	PYTHON=$(PYTHON) launch/gpu_check.sh
+
+# The GPU benchmark section alone (ViT-B/16 eager, compiled, recomputation; weak scaling on >1 GPU).
+gpu-bench:
+	PYTHON=$(PYTHON) launch/gpu_check.sh --bench
 
 # What gpu-check needs beyond torch/accelerate/timm, for a GPU machine's Python $(GPU_PY) on x86-64: wheels,
 # and the demo shards built here (building them there would take scikit-learn + scipy, about 50 MB of wheels).

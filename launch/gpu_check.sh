@@ -47,4 +47,4 @@ if [ -n "$missing" ]; then
     "network and copy wheels/ here (see the header of $0)" >&2
   exit 2
 fi
-exec "$PYTHON" launch/gpu_check.py
+exec "$PYTHON" launch/gpu_check.py "$@"

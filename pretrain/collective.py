@@ -49,14 +49,20 @@ def collective_device() -> torch.device:
     return device_for_backend(str(dist.get_backend())) if active() else torch.device("cpu")
 
 
-def sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all processes; the result is on ``tensor``'s device (no-op without a group)."""
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
+    """Reduce ``tensor`` over all processes on ``collective_device()``; the result is on ``tensor``'s device
+    (in place when it already was there; a no-op without a group)."""
     if not active():
         return tensor
     device = collective_device()
     placed = tensor if tensor.device == device else tensor.to(device)
-    dist.all_reduce(placed)
+    dist.all_reduce(placed, op=op)
     return placed if placed is tensor else placed.to(tensor.device)
+
+
+def sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all processes; the result is on ``tensor``'s device (no-op without a group)."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def sum_values(values: Sequence[float]) -> list[float]:
@@ -66,11 +72,7 @@ def sum_values(values: Sequence[float]) -> list[float]:
 
 def min_int(value: int) -> int:
     """The smallest ``value`` over all processes."""
-    if not active():
-        return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return int(tensor.item())
+    return int(_all_reduce(torch.tensor([value], dtype=torch.int64), dist.ReduceOp.MIN).item())
 
 
 def any_true(flag: bool) -> bool:

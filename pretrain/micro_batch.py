@@ -99,8 +99,7 @@ def placeholder(cfg: Config, world_size: int) -> Config:
     config before any device is probed; the run itself resolves ``auto`` in ``resolve``."""
     if cfg.data.micro_batch_size != AUTO:
         return cfg
-    share = max(cfg.data.global_batch_size // world_size, 1)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, micro_batch_size=share))
+    return _with_micro_batch(cfg, max(cfg.data.global_batch_size // world_size, 1))
 
 
 def resolve(cfg: Config, world_size: int, device: torch.device, model: nn.Module, dtype: torch.dtype,
@@ -116,4 +115,8 @@ def resolve(cfg: Config, world_size: int, device: torch.device, model: nn.Module
     micro = collective.min_int(mine)
     log.info("data.micro_batch_size auto: %d per rank (this rank alone: %d; %d per rank per step, %d accumulation "
              "steps)", micro, mine, per_rank, per_rank // micro)
+    return _with_micro_batch(cfg, micro)
+
+
+def _with_micro_batch(cfg: Config, micro: int) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, micro_batch_size=micro))

@@ -55,6 +55,8 @@ start_munge() {
   chown munge:munge /etc/munge /etc/munge/munge.key
   chmod 700 /etc/munge; chmod 400 /etc/munge/munge.key
   mkdir -p /run/munge; chown munge:munge /run/munge; chmod 755 /run/munge
+  # A munged that answers is reused: one left by an interrupted run may lack its pid file (a full disk).
+  munge -n >/dev/null 2>&1 && return 0
   alive /run/munge/munged.pid || runuser -u munge -- /usr/sbin/munged
   for _ in $(seq 50); do munge -n >/dev/null 2>&1 && return 0; sleep 0.1; done
   die "munged did not answer within 5 s"

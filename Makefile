@@ -27,7 +27,7 @@ RUN_LOCAL := PYTHON=$(abspath $(PY)) launch/local.sh
 
 demo: $(STAMP) clean-demo
 	@echo "== [1/5] demo dataset -> webdataset shards (data/demo/shards)"
-	$(PY) -m data_tools demo data/demo
+	test -f data/demo/shards/_info.json || $(PY) -m data_tools demo data/demo
 	@echo "== [2/5] pretrain: DeepSpeed ZeRO-2, 2 processes, CPU"
 	$(RUN_LOCAL) configs/pretrain/demo.yaml 2 run.dir=$(DEMO_PRE)
 	@echo "== [3/5] export consolidated fp32 weights (timm key names)"
@@ -54,11 +54,11 @@ gpu-bench:
 # What gpu-check needs beyond torch/accelerate/timm, for a GPU machine's Python $(GPU_PY) on x86-64: wheels,
 # and the demo shards built here (building them there would take scikit-learn + scipy, about 50 MB of wheels).
 GPU_PY ?= 3.12
-GPU_WHEELS_PURE := deepspeed==0.19.8 webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 pydantic==2.14.4 \
+GPU_WHEELS_PURE := deepspeed==0.19.8 webdataset==1.0.2 braceexpand==0.1.7 hjson==3.1.0 einops==0.8.2 tqdm==4.70.1 pydantic==2.14.4 \
 	annotated-types==0.8.0 typing-inspection==0.4.5
 GPU_WHEELS_BINARY := pydantic-core==2.50.5
 gpu-wheels: $(STAMP)
 	$(PYTHON) -m pip wheel --no-deps -w wheels $(GPU_WHEELS_PURE)
 	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version $(GPU_PY) \
 		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d wheels $(GPU_WHEELS_BINARY)
-	$(PY) -m data_tools demo data/demo
+	test -f data/demo/shards/_info.json || $(PY) -m data_tools demo data/demo

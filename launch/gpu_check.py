@@ -1,23 +1,29 @@
 """The one-GPU check behind ``make gpu-check`` (started by ``launch/gpu_check.sh``; read its header).
 
-Steps, each a separate process as a user would run it; any failure stops the check with the
-step's name and the tail of its output, exit status 1:
+Sections, each a separate process as a user would run it, in this order. A failing section
+prints its name and the tail of its output and the check goes on with the next; a section whose
+input failed is skipped, named as such. Each section prints one JSON line when it ends; the exit
+status is 1 if any failed:
 
-1. the demo shards: ``data/demo/shards`` as built beforehand by ``make gpu-wheels`` (checked with
-   ``data_tools verify``), else built now, which needs scikit-learn;
-2. demo pretraining, NCCL (one rank), bf16, ZeRO-2, a checkpoint every 10 steps; SIGKILL of the
-   whole process group once a checkpoint is complete and a later step was logged; the same
-   command again resumes. The first step after the checkpoint is computed from the saved weights,
-   data position and RNG in both runs: its loss must be bit-identical; the following steps run
-   through non-deterministic GPU backward kernels (SDPA), so they must agree within 2e-3;
-3. demo pretraining in bf16 with ZeRO-3 (and its checkpoint);
-4. export of the ZeRO-2 run; finetuning in bf16 (Accelerate DDP + autocast) at 2x the
-   pretraining resolution (32 -> 64 px, pos-embed 8x8 -> 16x16); evaluation;
-5. ``finetune.predict`` on the GPU;
-6. ``launch/step_sync_check.py``: steps between sync points make no synchronising CUDA call from
-   ``pretrain`` (``torch.cuda.set_sync_debug_mode("warn")``); DeepSpeed's own are counted;
-7. ``benchmarks/train_step.py`` for ViT-B/16 at 224 in bf16 with synthetic data, eager (img/s, MFU,
-   HFU, engine vs plain loop).
+1. ``data``: the demo shards: ``data/demo/shards`` as built beforehand by ``make gpu-wheels``
+   (checked with ``data_tools verify``), else built now, which needs scikit-learn;
+2. ``pretrain_zero2_kill_resume``: demo pretraining, NCCL (one rank), bf16, ZeRO-2, a checkpoint
+   every 10 steps; SIGKILL of the whole process group once a checkpoint is complete and a later
+   step was logged; the same command again resumes. The first step after the checkpoint is
+   computed from the saved weights, data position and RNG in both runs: its loss must be
+   bit-identical; the following steps run through non-deterministic GPU backward kernels
+   (SDPA), so they must agree within 2e-3;
+3. ``step_sync_check`` (``launch/step_sync_check.py``): steps between sync points make no
+   synchronising CUDA call from ``pretrain`` (``torch.cuda.set_sync_debug_mode("warn")``);
+   DeepSpeed's own are counted;
+4. ``decode_gpu`` (``launch/gpu_decode_check.py``): ``data.decode=gpu`` with nvJPEG against the
+   CPU path (same samples, pixels within a few levels), exact resume, device decode img/s;
+5. ``train_step``: ``benchmarks/train_step.py`` for ViT-B/16 at 224 in bf16 with synthetic data,
+   eager (img/s, MFU, HFU, engine vs plain loop);
+6. ``pretrain_zero3``: demo pretraining in bf16 with ZeRO-3 (and its checkpoint);
+7. ``export_finetune_evaluate``: export of the ZeRO-2 run; finetuning in bf16 (Accelerate DDP +
+   autocast) at 2x the pretraining resolution (32 -> 64 px, pos-embed 8x8 -> 16x16); evaluation;
+8. ``predict``: ``finetune.predict`` on the GPU.
 
 The last line is one JSON object with every figure. Budget: about 5 minutes on one H100.
 
@@ -40,7 +46,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 PRETRAIN_CFG = REPO / "configs" / "pretrain" / "demo.yaml"
@@ -170,80 +176,108 @@ def last_json(text: str) -> dict[str, Any]:
     return json.loads(text.strip().splitlines()[-1])
 
 
-def check(work: Path) -> dict[str, Any]:
+class Sections:
+    """Runs the check's sections in order, each to the end even if an earlier one failed (one GPU lease
+    shows every failure, not the first); a section whose input failed is skipped, naming it.
+    Each result is printed as one JSON line when its section ends, so a killed check still shows them."""
+
+    def __init__(self, summary: dict[str, Any]):
+        self.summary = summary
+        self.failed: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
+
+    def __call__(self, name: str, fn: Callable[[], Any], needs: tuple[str, ...] = ()) -> Any:
+        lacking = [n for n in needs if n in self.failed or n in self.skipped]
+        if lacking:
+            self.skipped[name] = f"needs {', '.join(lacking)}"
+            return None
+        start = time.monotonic()
+        try:
+            result = fn()
+        except (CheckFailed, subprocess.TimeoutExpired) as exn:
+            self.failed[name] = str(exn)[-4000:]
+            print(f"== FAILED {name}: {exn}", file=sys.stderr, flush=True)
+            result = None
+        seconds = round(time.monotonic() - start, 1)
+        self.summary["seconds"][name] = seconds
+        print(json.dumps({"section": name, "ok": name not in self.failed, "seconds": seconds,
+                          "result": result if isinstance(result, (dict, str, int, float)) else None}), flush=True)
+        return result
+
+
+def check(work: Path, sections: Sections) -> None:
     import torch
 
     from pretrain.distributed import single_process_device
 
-    summary: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "seconds": {}}
-    clock = time.monotonic()
+    summary = sections.summary
+    summary.update(device=torch.cuda.get_device_name(0), torch=torch.__version__)
+    shards = sections("data", lambda: demo_shards(work))
+    zero2, zero3, finetune = work / "pre_zero2", work / "pre_zero3", work / "finetune"
 
-    def lap(name: str) -> None:
-        nonlocal clock
-        summary["seconds"][name] = round(time.monotonic() - clock, 1)
-        clock = time.monotonic()
+    def zero2_kill_resume() -> dict[str, Any]:
+        saved = kill_after_checkpoint(pretrain_args(zero2, shards, 2), zero2)
+        run("pretrain ZeRO-2 resume", pretrain_args(zero2, shards, 2))
+        return compare_resume(zero2, saved)
 
-    shards = demo_shards(work)
-    lap("data")
+    def zero3_run() -> float:
+        run("pretrain ZeRO-3", pretrain_args(zero3, shards, 3))
+        return segments(zero3)[-1][STEPS]
 
-    zero2 = work / "pre_zero2"
-    saved = kill_after_checkpoint(pretrain_args(zero2, shards, 2), zero2)
-    run("pretrain ZeRO-2 resume", pretrain_args(zero2, shards, 2))
-    summary["resume"] = compare_resume(zero2, saved)
-    lap("pretrain_zero2_kill_resume")
+    def export_finetune_evaluate() -> str:
+        run("export", [sys.executable, "-m", "pretrain.export", str(zero2), str(zero2 / "export")])
+        run("finetune bf16 at 64 px", torchrun(
+            "-m", "finetune", "--config", str(FINETUNE_CFG), f"init={zero2 / 'export' / 'model.safetensors'}",
+            f"run.dir={finetune}", f"data.train_shards={shards}", f"data.eval_shards={shards}", "model.img_size=64",
+            "accelerate.mixed_precision=bf16", "data.num_workers=4", "schedule.total_steps=60",
+            "checkpoint.every_steps=30"))
+        return run("evaluate", [sys.executable, "-m", "finetune.evaluate", str(finetune)]).strip().splitlines()[0]
 
-    zero3 = work / "pre_zero3"
-    run("pretrain ZeRO-3", pretrain_args(zero3, shards, 3))
-    summary["zero3_final_loss"] = segments(zero3)[-1][STEPS]
-    lap("pretrain_zero3")
+    def predict() -> str:
+        if single_process_device().type != "cuda":
+            raise CheckFailed("predict: finetune.predict would not pick the GPU")
+        image = an_image(shards, work)
+        return run("predict on the GPU", [sys.executable, "-m", "finetune.predict", str(finetune), str(image),
+                                          "--attention-map", str(work / "attention.png")]).strip().splitlines()[1].strip()
 
-    run("export", [sys.executable, "-m", "pretrain.export", str(zero2), str(zero2 / "export")])
-    finetune = work / "finetune"
-    run("finetune bf16 at 64 px", torchrun(
-        "-m", "finetune", "--config", str(FINETUNE_CFG), f"init={zero2 / 'export' / 'model.safetensors'}",
-        f"run.dir={finetune}", f"data.train_shards={shards}", f"data.eval_shards={shards}", "model.img_size=64",
-        "accelerate.mixed_precision=bf16", "data.num_workers=4", "schedule.total_steps=60",
-        "checkpoint.every_steps=30"))
-    evaluation = run("evaluate", [sys.executable, "-m", "finetune.evaluate", str(finetune)])
-    summary["finetune_eval"] = evaluation.strip().splitlines()[0]
-    lap("export_finetune_evaluate")
-
-    if single_process_device().type != "cuda":
-        raise CheckFailed("predict: finetune.predict would not pick the GPU")
-    image = an_image(shards, work)
-    summary["predict"] = run("predict on the GPU", [sys.executable, "-m", "finetune.predict", str(finetune),
-                                                    str(image), "--attention-map", str(work / "attention.png")]
-                             ).strip().splitlines()[1].strip()
-    lap("predict")
-
-    sync = last_json(run("no synchronisation of ours between sync points",
-                         torchrun("launch/step_sync_check.py", str(shards), str(work / "sync_check"))))
-    summary["step_syncs"] = sync
-    lap("step_sync_check")
-
-    summary["train_step"] = last_json(run("train_step ViT-B/16 224 bf16", BENCH, timeout=240))
-    lap("benchmark")
-    return summary
+    summary["resume"] = sections("pretrain_zero2_kill_resume", zero2_kill_resume, needs=("data",))
+    summary["step_syncs"] = sections("step_sync_check", lambda: last_json(run(
+        "no synchronisation of ours between sync points",
+        torchrun("launch/step_sync_check.py", str(shards), str(work / "sync_check")))), needs=("data",))
+    summary["decode_gpu"] = sections("decode_gpu", lambda: last_json(run(
+        "data.decode=gpu against cpu_full, resume, device decode speed",
+        [sys.executable, "launch/gpu_decode_check.py", str(work / "decode")])))
+    summary["train_step"] = sections("train_step", lambda: last_json(run("train_step ViT-B/16 224 bf16", BENCH,
+                                                                         timeout=240)))
+    summary["zero3_final_loss"] = sections("pretrain_zero3", zero3_run, needs=("data",))
+    summary["finetune_eval"] = sections("export_finetune_evaluate", export_finetune_evaluate,
+                                        needs=("pretrain_zero2_kill_resume",))
+    summary["predict"] = sections("predict", predict, needs=("export_finetune_evaluate",))
 
 
-def benchmarks() -> dict[str, Any]:
+def benchmarks(sections: Sections) -> None:
     """ViT-B/16 at 224, bf16, synthetic data: eager, compiled, recomputation; weak scaling over the visible GPUs."""
     import torch
 
-    out = {"train_step": last_json(run("train_step ViT-B/16 224 bf16", BENCH, timeout=240))}
-    out["train_step_compiled"] = last_json(run("train_step ViT-B/16 224 bf16, torch.compile", [*BENCH, "--compile"],
-                                               timeout=420))
-    out["train_step_recompute"] = last_json(run("train_step ViT-B/16 224 bf16, recomputation",
-                                                [*BENCH, "--grad-checkpointing"], timeout=240))
+    out = sections.summary
+    out["train_step"] = sections("train_step", lambda: last_json(run("train_step ViT-B/16 224 bf16", BENCH,
+                                                                     timeout=240)))
+    out["train_step_compiled"] = sections("train_step_compiled", lambda: last_json(run(
+        "train_step ViT-B/16 224 bf16, torch.compile", [*BENCH, "--compile"], timeout=420)))
+    out["train_step_recompute"] = sections("train_step_recompute", lambda: last_json(run(
+        "train_step ViT-B/16 224 bf16, recomputation", [*BENCH, "--grad-checkpointing"], timeout=240)))
     gpus = torch.cuda.device_count()
     if gpus > 1:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
                   *BENCH_ARGS]
-        scaled = last_json(run(f"train_step ViT-B/16 on {gpus} GPUs", launch, timeout=300))
-        out["weak_scaling"] = {"gpus": gpus, "engine_images_per_s_per_gpu": scaled["ours_engine_images_per_s"],
-                               "efficiency": round(scaled["ours_engine_images_per_s"]
-                                                   / out["train_step"]["ours_engine_images_per_s"], 3)}
-    return out
+
+        def weak_scaling() -> dict[str, Any]:
+            scaled = last_json(run(f"train_step ViT-B/16 on {gpus} GPUs", launch, timeout=300))
+            return {"gpus": gpus, "engine_images_per_s_per_gpu": scaled["ours_engine_images_per_s"],
+                    "efficiency": round(scaled["ours_engine_images_per_s"]
+                                        / out["train_step"]["ours_engine_images_per_s"], 3)}
+
+        out["weak_scaling"] = sections("weak_scaling", weak_scaling, needs=("train_step",))
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -255,16 +289,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     bench_only = "--bench" in (sys.argv[1:] if argv is None else argv)
     start = time.monotonic()
+    sections = Sections({"seconds": {}})
     with tempfile.TemporaryDirectory(prefix="vitscale_gpu_check_") as tmp:
-        try:
-            summary = benchmarks() if bench_only else check(Path(tmp))
-        except (CheckFailed, subprocess.TimeoutExpired) as exn:
-            print(f"GPU CHECK FAILED: {exn}", file=sys.stderr)
-            print(json.dumps({"ok": False, "error": str(exn)[:2000]}))
-            return 1
-    summary["total_s"] = round(time.monotonic() - start, 1)
-    print(json.dumps({"ok": True, **summary}))
-    return 0
+        if bench_only:
+            benchmarks(sections)
+        else:
+            check(Path(tmp), sections)
+    summary = {"ok": not sections.failed, **sections.summary, "total_s": round(time.monotonic() - start, 1)}
+    if sections.failed or sections.skipped:
+        summary.update(failed=sections.failed, skipped=sections.skipped)
+        print(f"GPU CHECK FAILED: {', '.join(sections.failed)}" + (f"; skipped: {', '.join(sections.skipped)}"
+                                                                    if sections.skipped else ""), file=sys.stderr)
+    print(json.dumps(summary))
+    return 1 if sections.failed else 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@
 #
 # Dependencies: the GPU machine needs torch (CUDA), torchvision, accelerate, timm, tensorboard,
 # safetensors, pillow, numpy, pyyaml. Whatever else is missing (deepspeed, webdataset,
-# braceexpand, hjson, pydantic + pydantic-core + annotated-types + typing-inspection) travels as
+# braceexpand, hjson, einops, tqdm, pydantic + pydantic-core + annotated-types + typing-inspection) travels as
 # wheels, and the demo shards travel built (making them needs scikit-learn + scipy, about 50 MB of
 # wheels more):
 #   on a machine with network, in this checkout:  make gpu-wheels   (fills ./wheels, about 6 MB,
@@ -40,7 +40,7 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD:$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}"
 missing=$("$PYTHON" -c 'import importlib.util as u
-print(" ".join(m for m in ("deepspeed", "webdataset", "braceexpand", "hjson", "pydantic", "accelerate", "timm",
+print(" ".join(m for m in ("deepspeed", "webdataset", "braceexpand", "hjson", "einops", "tqdm", "pydantic", "accelerate", "timm",
                            "safetensors", "tensorboard") if u.find_spec(m) is None))')
 if [ -n "$missing" ]; then
   echo "gpu-check: missing Python packages: $missing. Build them with 'make gpu-wheels' on a machine with" \

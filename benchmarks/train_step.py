@@ -35,12 +35,13 @@ import json
 import os
 import time
 from contextlib import nullcontext
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import Config
+from pretrain.config import Config, apply_overrides
 from pretrain.distributed import DistEnv, init_distributed
 from pretrain.engine import build_engine, deepspeed_config
 from pretrain.flops import flops_per_image
@@ -60,6 +61,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--compile", action="store_true", help="torch.compile every contender")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU/HFU (default: table)")
+    parser.add_argument("--only", default=None, help="comma-separated contenders to run (default: all three)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="config override for the engine, e.g. deepspeed.zero_stage=1 or "
+                             "'deepspeed.extra={zero_optimization: {overlap_comm: false}}' (repeatable)")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="after timing, profile 3 steps of each contender: DIR/<name>.txt holds its top ops")
     return parser.parse_args()
 
 
@@ -105,6 +112,37 @@ def engine_step(model: torch.nn.Module, cfg: Config, x: torch.Tensor, y: torch.T
     return step
 
 
+def profile(step: Callable[[], None], out: Path, device: torch.device, steps: int = 3) -> Optional[float]:
+    """Profile ``steps`` calls of ``step``; write the top ops by device and by host time to ``out``.
+
+    Returns the device's busy fraction (None on CPU): summed kernel time over wall time. Near 1 the step is
+    bound by the device's work; well below 1 the device waits for the host (launch overhead,
+    synchronisations), which is where an engine's per-step overhead shows.
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    wall_us = (time.perf_counter() - start) * 1e6
+    averages = prof.key_averages()
+    busy_us = sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sort_device = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    out.write_text(f"{steps} steps, wall {wall_us / 1e3:.1f} ms, device busy {busy_us / 1e3:.1f} ms\n\n"
+                   + averages.table(sort_by=sort_device, row_limit=40) + "\n\n"
+                   + averages.table(sort_by="self_cpu_time_total", row_limit=40))
+    return round(busy_us / wall_us, 3) if device.type == "cuda" else None
+
+
 def main() -> None:
     args = parse_args()
     import timm.models.vision_transformer as timm_vit
@@ -119,6 +157,7 @@ def main() -> None:
     cfg.data.global_batch_size, cfg.data.micro_batch_size = batch * env.world_size, batch
     cfg.deepspeed.zero_stage, cfg.deepspeed.precision = 2, "bf16" if gpu else "fp32"
     cfg.schedule.total_steps, cfg.schedule.warmup_steps = 10_000, 10
+    apply_overrides(cfg, args.overrides)
 
     torch.manual_seed(0)
     x = torch.randn(batch, 3, img, img, device=device)
@@ -132,8 +171,14 @@ def main() -> None:
     assert params == sum(p.numel() for p in timm_model.parameters()), "timm twin has another size"
 
     plain_models = [torch.compile(m) if args.compile else m for m in (ours, timm_model)]
-    steps = {"ours_plain": plain_step(plain_models[0], x, y, gpu), "timm_plain": plain_step(plain_models[1], x, y, gpu),
-             "ours_engine": engine_step(engine_model, cfg, x, y, env.world_size, args.compile)}
+    makers = {"ours_plain": lambda: plain_step(plain_models[0], x, y, gpu),
+              "timm_plain": lambda: plain_step(plain_models[1], x, y, gpu),
+              "ours_engine": lambda: engine_step(engine_model, cfg, x, y, env.world_size, args.compile)}
+    only = args.only.split(",") if args.only else list(makers)
+    unknown = sorted(set(only) - set(makers))
+    if unknown:
+        raise SystemExit(f"--only {args.only}: unknown contender(s) {unknown}; choose from {sorted(makers)}")
+    steps = {name: makers[name]() for name in makers if name in only}
     best: dict[str, float] = {}
     for _ in range(args.repeats):
         for name, step in steps.items():
@@ -146,17 +191,23 @@ def main() -> None:
         "variant": args.variant, "img_size": img, "batch": batch, "params": params,
         "precision": cfg.deepspeed.precision, "zero_stage": cfg.deepspeed.zero_stage,
         "grad_checkpointing": args.grad_checkpointing, "compile": args.compile, "world_size": env.world_size,
+        "overrides": args.overrides,
         **{f"{k}_images_per_s": round(v, 2) for k, v in best.items()},
-        "ours_vs_timm": round(best["ours_plain"] / best["timm_plain"], 3),
-        "engine_vs_plain": round(best["ours_engine"] / best["ours_plain"], 3),
-        "engine_overhead": round(best["ours_plain"] / best["ours_engine"], 3),
     }
+    if {"ours_plain", "timm_plain"} <= set(best):
+        result["ours_vs_timm"] = round(best["ours_plain"] / best["timm_plain"], 3)
+    if {"ours_plain", "ours_engine"} <= set(best):
+        result["engine_vs_plain"] = round(best["ours_engine"] / best["ours_plain"], 3)
+        result["engine_overhead"] = round(best["ours_plain"] / best["ours_engine"], 3)
     throughput = Throughput(flops_per_image(ours), 1, device_peak_tflops(device, args.peak_tflops),
                             recompute=args.grad_checkpointing)
-    for key in ("ours_plain", "timm_plain", "ours_engine"):
+    for key in best:
         figures = throughput.utilisation(best[key])
         result[f"{key}_mfu"] = round(figures["perf/mfu"], 4) if figures else UNKNOWN
         result[f"{key}_hfu"] = round(figures["perf/hfu"], 4) if figures else UNKNOWN
+    if args.profile is not None and env.rank == 0:
+        result["profile_device_busy"] = {name: profile(step, args.profile / f"{name}.txt", device)
+                                         for name, step in steps.items()}
     if env.rank == 0:
         print(json.dumps(result))
 

@@ -25,6 +25,8 @@ status is 1 if any failed:
    autocast) at 2x the pretraining resolution (32 -> 64 px, pos-embed 8x8 -> 16x16); evaluation;
 8. ``predict``: ``finetune.predict`` on the GPU.
 
+``--only SECTION[,SECTION...]`` runs the named sections and the sections they need.
+
 The last line is one JSON object with every figure. Budget: about 5 minutes on one H100.
 
 ``--bench`` (``make gpu-bench``) runs the benchmark section alone, a separate command so that
@@ -36,10 +38,10 @@ Budget: about 6 minutes on one H100, most of it compiling.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
@@ -98,8 +100,25 @@ def pretrain_args(run_dir: Path, shards: Path, stage: int) -> list[str]:
                     "eval.every_steps=0")
 
 
+def kill_launch(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and every process under it, like a lost node.
+
+    torchrun starts each worker in a session of its own, so killing torchrun's process group
+    would leave the workers training on (seen on the first GPU run: the "resume" found the
+    killed run's final checkpoint, written by its surviving worker).
+    """
+    import psutil
+
+    for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
 def kill_after_checkpoint(args: list[str], run_dir: Path, timeout: float = 300) -> int:
-    """Start ``args``; SIGKILL its process group once a checkpoint exists and a later step was logged."""
+    """Start ``args``; SIGKILL all its processes once a checkpoint exists and a later step was logged."""
     from pretrain.checkpoint import CheckpointDir
 
     print(f"== pretrain ZeRO-2 (to be killed): {' '.join(args)}", flush=True)
@@ -111,8 +130,7 @@ def kill_after_checkpoint(args: list[str], run_dir: Path, timeout: float = 300) 
             latest = CheckpointDir(run_dir / "checkpoints").find()
             logged = segments(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
             if latest is not None and logged and max(logged[-1]) > latest.step:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                kill_launch(proc)
                 return latest.step
             if proc.poll() is not None:
                 raise CheckFailed(f"pretrain ZeRO-2 ended (exit {proc.returncode}) before it could be killed:\n"
@@ -121,8 +139,7 @@ def kill_after_checkpoint(args: list[str], run_dir: Path, timeout: float = 300) 
         raise CheckFailed("pretrain ZeRO-2: no checkpoint within the time limit")
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_launch(proc)
 
 
 def compare_resume(run_dir: Path, saved_step: int) -> dict[str, Any]:
@@ -176,18 +193,44 @@ def last_json(text: str) -> dict[str, Any]:
     return json.loads(text.strip().splitlines()[-1])
 
 
+NEEDS: dict[str, tuple[str, ...]] = {
+    "pretrain_zero2_kill_resume": ("data",), "step_sync_check": ("data",), "pretrain_zero3": ("data",),
+    "export_finetune_evaluate": ("pretrain_zero2_kill_resume",), "predict": ("export_finetune_evaluate",),
+    "weak_scaling": ("train_step",),
+}
+"""The sections whose output each section uses."""
+SECTIONS = ("data", "pretrain_zero2_kill_resume", "step_sync_check", "decode_gpu", "train_step", "pretrain_zero3",
+            "export_finetune_evaluate", "predict", "train_step_compiled", "train_step_recompute", "weak_scaling")
+"""Every section, in the order they run (the last three with ``--bench``)."""
+
+
+def with_inputs(names: list[str]) -> set[str]:
+    """``names`` and every section they need, directly or not."""
+    out: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name not in out:
+            out.add(name)
+            todo.extend(NEEDS.get(name, ()))
+    return out
+
+
 class Sections:
     """Runs the check's sections in order, each to the end even if an earlier one failed (one GPU lease
     shows every failure, not the first); a section whose input failed is skipped, naming it.
     Each result is printed as one JSON line when its section ends, so a killed check still shows them."""
 
-    def __init__(self, summary: dict[str, Any]):
+    def __init__(self, summary: dict[str, Any], only: Optional[set[str]] = None):
         self.summary = summary
+        self.only = only
         self.failed: dict[str, str] = {}
         self.skipped: dict[str, str] = {}
 
-    def __call__(self, name: str, fn: Callable[[], Any], needs: tuple[str, ...] = ()) -> Any:
-        lacking = [n for n in needs if n in self.failed or n in self.skipped]
+    def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
+        if self.only is not None and name not in self.only:
+            return None
+        lacking = [n for n in NEEDS.get(name, ()) if n in self.failed or n in self.skipped]
         if lacking:
             self.skipped[name] = f"needs {', '.join(lacking)}"
             return None
@@ -240,19 +283,18 @@ def check(work: Path, sections: Sections) -> None:
         return run("predict on the GPU", [sys.executable, "-m", "finetune.predict", str(finetune), str(image),
                                           "--attention-map", str(work / "attention.png")]).strip().splitlines()[1].strip()
 
-    summary["resume"] = sections("pretrain_zero2_kill_resume", zero2_kill_resume, needs=("data",))
+    summary["resume"] = sections("pretrain_zero2_kill_resume", zero2_kill_resume)
     summary["step_syncs"] = sections("step_sync_check", lambda: last_json(run(
         "no synchronisation of ours between sync points",
-        torchrun("launch/step_sync_check.py", str(shards), str(work / "sync_check")))), needs=("data",))
+        torchrun("launch/step_sync_check.py", str(shards), str(work / "sync_check")))))
     summary["decode_gpu"] = sections("decode_gpu", lambda: last_json(run(
         "data.decode=gpu against cpu_full, resume, device decode speed",
         [sys.executable, "launch/gpu_decode_check.py", str(work / "decode")])))
     summary["train_step"] = sections("train_step", lambda: last_json(run("train_step ViT-B/16 224 bf16", BENCH,
                                                                          timeout=240)))
-    summary["zero3_final_loss"] = sections("pretrain_zero3", zero3_run, needs=("data",))
-    summary["finetune_eval"] = sections("export_finetune_evaluate", export_finetune_evaluate,
-                                        needs=("pretrain_zero2_kill_resume",))
-    summary["predict"] = sections("predict", predict, needs=("export_finetune_evaluate",))
+    summary["zero3_final_loss"] = sections("pretrain_zero3", zero3_run)
+    summary["finetune_eval"] = sections("export_finetune_evaluate", export_finetune_evaluate)
+    summary["predict"] = sections("predict", predict)
 
 
 def benchmarks(sections: Sections) -> None:
@@ -277,19 +319,27 @@ def benchmarks(sections: Sections) -> None:
                     "efficiency": round(scaled["ours_engine_images_per_s"]
                                         / out["train_step"]["ours_engine_images_per_s"], 3)}
 
-        out["weak_scaling"] = sections("weak_scaling", weak_scaling, needs=("train_step",))
+        out["weak_scaling"] = sections("weak_scaling", weak_scaling)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     import torch
 
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bench", action="store_true", help="the benchmark sections (make gpu-bench)")
+    parser.add_argument("--only", default=None, metavar="SECTION[,SECTION...]",
+                        help=f"run these sections and those they need, e.g. --only predict; from {', '.join(SECTIONS)}")
+    args = parser.parse_args(argv)
+    only = args.only.split(",") if args.only else None
+    if only and set(only) - set(SECTIONS):
+        parser.error(f"--only: unknown section(s) {sorted(set(only) - set(SECTIONS))}; choose from {', '.join(SECTIONS)}")
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU is visible (torch.cuda.is_available() is False); this check needs one. "
               "On CPU use `make demo` and `make test`.", file=sys.stderr)
         return 2
-    bench_only = "--bench" in (sys.argv[1:] if argv is None else argv)
+    bench_only = args.bench
     start = time.monotonic()
-    sections = Sections({"seconds": {}})
+    sections = Sections({"seconds": {}}, with_inputs(only) if only else None)
     with tempfile.TemporaryDirectory(prefix="vitscale_gpu_check_") as tmp:
         if bench_only:
             benchmarks(sections)

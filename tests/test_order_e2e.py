@@ -45,15 +45,17 @@ def _train(nproc: int, run_dir: Path, shards: Path, *extra: str) -> None:
 
 
 def _kill_after(run_dir: Path, shards: Path, step: int) -> None:
-    """A 2-process run, SIGKILLed (one worker; torchrun ends the other) once step ``step`` is logged."""
-    keys = run_dir / "data_keys" / "rank-0.jsonl"
+    """A 2-process run, SIGKILLed (one worker; torchrun ends the other) as soon as its checkpoint of step
+    ``step`` is complete. Waiting for the checkpoint, not for a logged step, keeps the kill before the next
+    checkpoint however fast steps run (polled every 20 ms; a step and a save take longer here)."""
+    latest = run_dir / "checkpoints" / "latest"
     proc = subprocess.Popen(_cmd(2, run_dir, shards), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while not (keys.is_file() and len(keys.read_text().splitlines()) >= step):
+        while not (latest.is_file() and latest.read_text() == f"step_{step:08d}"):
             assert proc.poll() is None and time.time() < deadline, "the run ended or hung before the kill"
-            time.sleep(0.2)
+            time.sleep(0.02)
         workers = [p for p in Path("/proc").glob("[0-9]*/stat")
                    if p.read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)]
         os.kill(int(workers[0].parent.name), signal.SIGKILL)
@@ -77,7 +79,7 @@ def test_step_keys_are_one_function_of_the_step(demo_shards: Path, tmp_path: Pat
     assert read_step_keys(tmp_path / "w4") == expected
 
     chain = tmp_path / "chain"
-    _kill_after(chain, demo_shards, 3)
+    _kill_after(chain, demo_shards, 2)
     assert (chain / "checkpoints" / "latest").read_text() in ("step_00000002", "step_00000004")
     _train(1, chain, demo_shards, "schedule.total_steps=5", "data.num_workers=1")
     _train(4, chain, demo_shards, "data.num_workers=0")

@@ -4,6 +4,7 @@
     python benchmarks/train_step.py --variant B/16 --img-size 224 --batch 128   # on a GPU: bf16, prints MFU
     python benchmarks/train_step.py --variant B/16 --img-size 224 --batch 128 --compile   # all three compiled
     torchrun --nproc_per_node 8 benchmarks/train_step.py ... # weak scaling: the engine on 8 ranks, batch per rank
+    python benchmarks/train_step.py ... --shards DIR --decode gpu   # + the engine fed from JPEG shards
 
 Figures (images/s, best of ``--repeats`` alternating rounds, so load changes hit every
 contender alike):
@@ -13,7 +14,11 @@ contender alike):
   architecture and parameter count), same loop; ``ours_vs_timm`` = ours / timm;
 * ``ours_engine``: the same model in our DeepSpeed engine (``pretrain.engine``, ZeRO-2, every
   process of the launch, ``--batch`` per process); ``engine_vs_plain`` = engine / plain per
-  device (target >= 0.95), ``engine_overhead`` its inverse.
+  device (target >= 0.95), ``engine_overhead`` its inverse;
+* ``ours_engine_data`` (with ``--shards DIR``): the same engine fed by the training input path
+  instead of one fixed tensor: the train stream over ``DIR`` (``--decode`` as ``data.decode``,
+  ``--workers`` loader workers) and ``BatchPreprocessor``; ``data_vs_synthetic`` = its img/s /
+  ``ours_engine``'s, 1.0 when the input path keeps up (issue 14: "data path on/off").
 
 ``--compile``: the plain loops run ``torch.compile``d modules and the engine is compiled the
 way ``model.compile`` does it (``engine.compile()``), so on a GPU the engine is compared with a
@@ -47,6 +52,8 @@ from pretrain.engine import build_engine, deepspeed_config
 from pretrain.flops import flops_per_image
 from pretrain.metrics import UNKNOWN, Throughput, device_peak_tflops
 from pretrain.model import build_vit
+from pretrain.train_stream import build_train_stream
+from pretrain.transforms import BatchPreprocessor
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,6 +72,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for the engine, e.g. deepspeed.zero_stage=1 or "
                              "'deepspeed.extra={zero_optimization: {overlap_comm: false}}' (repeatable)")
+    parser.add_argument("--shards", type=Path, default=None, metavar="DIR",
+                        help="also run the engine on micro-batches from these webdataset shards through the train "
+                             "stream (contender ours_engine_data; data_vs_synthetic = its img/s / ours_engine's)")
+    parser.add_argument("--decode", default="cpu", choices=["cpu", "cpu_full", "gpu"], help="data.decode with --shards")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
+                        help="loader workers with --shards (default: CPU cores - 2)")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="after timing, profile 3 steps of each contender: DIR/<name>.txt holds its top ops")
     return parser.parse_args()
@@ -98,18 +111,33 @@ def plain_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: b
     return step
 
 
-def engine_step(model: torch.nn.Module, cfg: Config, x: torch.Tensor, y: torch.Tensor, world_size: int,
-                compile_model: bool) -> Callable[[], None]:
+def build_bench_engine(model: torch.nn.Module, cfg: Config, world_size: int, compile_model: bool) -> Any:
     engine = build_engine(model, cfg, deepspeed_config(cfg, world_size=world_size))
     if compile_model:
         engine.compile()
-    x = x.to(engine.module.cls_token.dtype)
+    return engine
 
+
+def engine_step(engine: Any, batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
+    """One optimizer step of ``engine`` on the micro-batch ``batch()`` returns (input in the engine's dtype)."""
     def step() -> None:
+        x, y = batch()
         loss = F.cross_entropy(engine(x).float(), y)
         engine.backward(loss)
         engine.step()
     return step
+
+
+def stream_batches(args: argparse.Namespace, cfg: Config, env: DistEnv, device: torch.device,
+                   dtype: torch.dtype) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """Micro-batches from ``args.shards`` through the training input path: the train stream (``data.decode``
+    as ``--decode``, ``--workers`` loader workers) and ``BatchPreprocessor`` onto the device."""
+    cfg.data.train_shards, cfg.data.decode, cfg.data.num_workers = str(args.shards), args.decode, args.workers
+    cfg.data.mixup = cfg.data.cutmix = 0.0
+    stream = build_train_stream(cfg.data, img_size=cfg.model.img_size, seed=0, rank=env.rank,
+                                world_size=env.world_size, device=device)
+    preprocess = BatchPreprocessor(cfg.data, cfg.model.num_classes)
+    return lambda: preprocess(*next(stream), device, dtype)
 
 
 def profile(step: Callable[[], None], out: Path, device: torch.device, steps: int = 3) -> Optional[float]:
@@ -171,9 +199,24 @@ def main() -> None:
     assert params == sum(p.numel() for p in timm_model.parameters()), "timm twin has another size"
 
     plain_models = [torch.compile(m) if args.compile else m for m in (ours, timm_model)]
+    engines: list[Any] = []
+
+    def engine() -> Any:
+        """The one engine both engine contenders train (built on first use)."""
+        if not engines:
+            engines.append(build_bench_engine(engine_model, cfg, env.world_size, args.compile))
+        return engines[0]
+
+    def synthetic() -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        fixed = (x.to(engine().module.cls_token.dtype), y)
+        return lambda: fixed
+
     makers = {"ours_plain": lambda: plain_step(plain_models[0], x, y, gpu),
               "timm_plain": lambda: plain_step(plain_models[1], x, y, gpu),
-              "ours_engine": lambda: engine_step(engine_model, cfg, x, y, env.world_size, args.compile)}
+              "ours_engine": lambda: engine_step(engine(), synthetic())}
+    if args.shards is not None:
+        makers["ours_engine_data"] = lambda: engine_step(engine(), stream_batches(
+            args, cfg, env, device, engine().module.cls_token.dtype))
     only = args.only.split(",") if args.only else list(makers)
     unknown = sorted(set(only) - set(makers))
     if unknown:
@@ -199,6 +242,9 @@ def main() -> None:
     if {"ours_plain", "ours_engine"} <= set(best):
         result["engine_vs_plain"] = round(best["ours_engine"] / best["ours_plain"], 3)
         result["engine_overhead"] = round(best["ours_plain"] / best["ours_engine"], 3)
+    if {"ours_engine", "ours_engine_data"} <= set(best):
+        result.update(decode=args.decode, workers=args.workers,
+                      data_vs_synthetic=round(best["ours_engine_data"] / best["ours_engine"], 3))
     throughput = Throughput(flops_per_image(ours), 1, device_peak_tflops(device, args.peak_tflops),
                             recompute=args.grad_checkpointing)
     for key in best:

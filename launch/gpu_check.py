@@ -32,7 +32,9 @@ The last line is one JSON object with every figure. Measured on one H200: about 
 
 ``--bench`` (``make gpu-bench``) runs the benchmark section alone, a separate command so that
 each fits a short lease of a GPU: ViT-B/16 at 224 in bf16 eager, ``torch.compile``d (the
-engine against a plain compiled bf16 loop) and eager with activation recomputation; with more
+engine against a plain compiled bf16 loop), eager with activation recomputation, and the engine
+fed from 500x375 JPEG shards through the train stream with ``data.decode=gpu`` and ``cpu``
+against synthetic data (``data_vs_synthetic``, the "data path on/off" figure); with more
 than one GPU visible, the engine on all of them (weak scaling = per-GPU img/s on N GPUs / on 1).
 Budget: about 6 minutes on one H100, most of it compiling (the compiled B/16 run alone, with all three
 contenders: about 2 minutes on an H200).
@@ -202,8 +204,9 @@ NEEDS: dict[str, tuple[str, ...]] = {
 }
 """The sections whose output each section uses."""
 SECTIONS = ("data", "pretrain_zero2_kill_resume", "step_sync_check", "decode_gpu", "train_step", "pretrain_zero3",
-            "export_finetune_evaluate", "predict", "train_step_compiled", "train_step_recompute", "weak_scaling")
-"""Every section, in the order they run (the last three with ``--bench``)."""
+            "export_finetune_evaluate", "predict", "train_step_compiled", "train_step_recompute",
+            "train_step_data_gpu_decode", "train_step_data_cpu_decode", "weak_scaling")
+"""Every section, in the order they run (those after ``predict`` with ``--bench``)."""
 
 
 def with_inputs(names: list[str]) -> set[str]:
@@ -282,8 +285,9 @@ def check(work: Path, sections: Sections) -> None:
         if single_process_device().type != "cuda":
             raise CheckFailed("predict: finetune.predict would not pick the GPU")
         image = an_image(shards, work)
-        return run("predict on the GPU", [sys.executable, "-m", "finetune.predict", str(finetune), str(image),
-                                          "--attention-map", str(work / "attention.png")]).strip().splitlines()[1].strip()
+        printed = run("predict on the GPU", [sys.executable, "-m", "finetune.predict", str(finetune), str(image),
+                                             "--attention-map", str(work / "attention.png")])
+        return printed.strip().splitlines()[1].strip()
 
     summary["resume"] = sections("pretrain_zero2_kill_resume", zero2_kill_resume)
     summary["step_syncs"] = sections("step_sync_check", lambda: last_json(run(
@@ -299,17 +303,34 @@ def check(work: Path, sections: Sections) -> None:
     summary["predict"] = sections("predict", predict)
 
 
-def benchmarks(sections: Sections) -> None:
-    """ViT-B/16 at 224, bf16, synthetic data: eager, compiled, recomputation; weak scaling over the visible GPUs."""
+def benchmarks(work: Path, sections: Sections) -> None:
+    """ViT-B/16 at 224, bf16: synthetic data eager, compiled, recomputation; the engine fed from JPEG shards
+    with each decode path against synthetic data; weak scaling over the visible GPUs."""
     import torch
 
+    from gpu_decode_check import write_shards
+
     out = sections.summary
+    made: list[Path] = []
+
+    def shards() -> Path:
+        """512 photo-like 500x375 JPEGs in shards (``gpu_decode_check.write_shards``), written on first use."""
+        if not made:
+            made.append(write_shards(work / "jpeg_shards"))
+        return made[0]
+
     out["train_step"] = sections("train_step", lambda: last_json(run("train_step ViT-B/16 224 bf16", BENCH,
                                                                      timeout=240)))
     out["train_step_compiled"] = sections("train_step_compiled", lambda: last_json(run(
         "train_step ViT-B/16 224 bf16, torch.compile", [*BENCH, "--compile"], timeout=420)))
     out["train_step_recompute"] = sections("train_step_recompute", lambda: last_json(run(
         "train_step ViT-B/16 224 bf16, recomputation", [*BENCH, "--grad-checkpointing"], timeout=240)))
+    for decode in ("gpu", "cpu"):
+        fed = [*BENCH, "--only", "ours_engine,ours_engine_data", "--decode", decode]
+        name = f"train_step_data_{decode}_decode"
+        out[name] = sections(name, lambda fed=fed, decode=decode: last_json(run(
+            f"train_step ViT-B/16 224 bf16 fed from JPEG shards, data.decode={decode}",
+            [*fed, "--shards", str(shards())], timeout=240)))
     gpus = torch.cuda.device_count()
     if gpus > 1:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),
@@ -334,7 +355,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     only = args.only.split(",") if args.only else None
     if only and set(only) - set(SECTIONS):
-        parser.error(f"--only: unknown section(s) {sorted(set(only) - set(SECTIONS))}; choose from {', '.join(SECTIONS)}")
+        parser.error(f"--only: unknown section(s) {sorted(set(only) - set(SECTIONS))}; "
+                     f"choose from {', '.join(SECTIONS)}")
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU is visible (torch.cuda.is_available() is False); this check needs one. "
               "On CPU use `make demo` and `make test`.", file=sys.stderr)
@@ -344,10 +366,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     sections = Sections({"seconds": {}}, with_inputs(only) if only else None)
     with tempfile.TemporaryDirectory(prefix="vitscale_gpu_check_") as tmp:
         if bench_only:
-            benchmarks(sections)
+            benchmarks(Path(tmp), sections)
         else:
             check(Path(tmp), sections)
-    summary = {"ok": not sections.failed, **sections.summary, "total_s": round(time.monotonic() - start, 1)}
+    figures = {key: value for key, value in sections.summary.items() if value is not None}
+    summary = {"ok": not sections.failed, **figures, "total_s": round(time.monotonic() - start, 1)}
     if sections.failed or sections.skipped:
         summary.update(failed=sections.failed, skipped=sections.skipped)
         print(f"GPU CHECK FAILED: {', '.join(sections.failed)}" + (f"; skipped: {', '.join(sections.skipped)}"

@@ -220,6 +220,59 @@ def test_gpu_check_takes_prebuilt_demo_shards_or_names_the_fix(demo_shards: Path
         gpu_check.demo_shards(tmp_path)
 
 
+def _gpu_check_module():
+    spec = importlib.util.spec_from_file_location("gpu_check", LAUNCH / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_runs_every_section_past_a_failure_and_skips_only_what_needs_it(
+        capsys: pytest.CaptureFixture) -> None:
+    """One short GPU lease must show every failure: a failed section does not stop the check; the sections
+    that use its output are skipped and named; ``--only`` runs a section with the sections it needs."""
+    gpu_check = _gpu_check_module()
+    assert gpu_check.with_inputs(["predict"]) == {"predict", "export_finetune_evaluate", "pretrain_zero2_kill_resume",
+                                                   "data"}
+    assert set(gpu_check.NEEDS) <= set(gpu_check.SECTIONS)
+    sections = gpu_check.Sections({"seconds": {}})
+
+    def broken() -> None:
+        raise gpu_check.CheckFailed("pretrain ZeRO-2: exit 1")
+
+    assert sections("data", lambda: "shards") == "shards"
+    sections("pretrain_zero2_kill_resume", broken)
+    assert sections("decode_gpu", lambda: {"ok": 1}) == {"ok": 1}          # independent: still runs
+    assert sections("export_finetune_evaluate", lambda: pytest.fail("ran without its input")) is None
+    assert sections("predict", lambda: pytest.fail("ran without its input")) is None
+    assert sections.failed == {"pretrain_zero2_kill_resume": "pretrain ZeRO-2: exit 1"}
+    assert sections.skipped == {"export_finetune_evaluate": "needs pretrain_zero2_kill_resume",
+                                "predict": "needs export_finetune_evaluate"}
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(line["section"], line["ok"]) for line in lines] == [
+        ("data", True), ("pretrain_zero2_kill_resume", False), ("decode_gpu", True)]
+
+    only = gpu_check.Sections({"seconds": {}}, gpu_check.with_inputs(["decode_gpu"]))
+    assert only("data", lambda: pytest.fail("not asked for")) is None and not only.skipped
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_feeds_the_engine_from_shards_on_each_decode_path(demo_shards: Path) -> None:
+    """``benchmarks/train_step.py --shards``: the engine trained from the train stream next to synthetic
+    input, with the ratio gpu-check reports as "data path on/off"; on CPU both decode paths run."""
+    for decode in ("cpu", "gpu"):
+        proc = subprocess.run([sys.executable, "benchmarks/train_step.py", "--variant", "Ti/16", "--img-size", "32",
+                               "--batch", "8", "--steps", "2", "--warmup", "1", "--repeats", "1", "--workers", "1",
+                               "--only", "ours_engine,ours_engine_data", "--shards", str(demo_shards),
+                               "--decode", decode],
+                              cwd=REPO, capture_output=True, text=True, timeout=300, env=_env())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result["decode"] == decode and result["ours_engine_data_images_per_s"] > 0
+        assert result["data_vs_synthetic"] == pytest.approx(
+            result["ours_engine_data_images_per_s"] / result["ours_engine_images_per_s"], abs=1e-3)
+
+
 # ------------------------------------------------------------------ preemption under --kill-on-bad-exit
 
 

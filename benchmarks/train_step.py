@@ -36,6 +36,7 @@ The last line of output is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -132,11 +133,11 @@ def stream_batches(args: argparse.Namespace, cfg: Config, env: DistEnv, device: 
                    dtype: torch.dtype) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
     """Micro-batches from ``args.shards`` through the training input path: the train stream (``data.decode``
     as ``--decode``, ``--workers`` loader workers) and ``BatchPreprocessor`` onto the device."""
-    cfg.data.train_shards, cfg.data.decode, cfg.data.num_workers = str(args.shards), args.decode, args.workers
-    cfg.data.mixup = cfg.data.cutmix = 0.0
-    stream = build_train_stream(cfg.data, img_size=cfg.model.img_size, seed=0, rank=env.rank,
+    data = dataclasses.replace(cfg.data, train_shards=str(args.shards), decode=args.decode,
+                               num_workers=args.workers, mixup=0.0, cutmix=0.0)
+    stream = build_train_stream(data, img_size=cfg.model.img_size, seed=0, rank=env.rank,
                                 world_size=env.world_size, device=device)
-    preprocess = BatchPreprocessor(cfg.data, cfg.model.num_classes)
+    preprocess = BatchPreprocessor(data, cfg.model.num_classes)
     return lambda: preprocess(*next(stream), device, dtype)
 
 

@@ -297,11 +297,18 @@ def check(work: Path, sections: Sections) -> None:
     summary["decode_gpu"] = sections("decode_gpu", lambda: last_json(run(
         "data.decode=gpu against cpu_full, resume, device decode speed",
         [sys.executable, "launch/gpu_decode_check.py", str(work / "decode")])))
-    summary["train_step"] = sections("train_step", lambda: last_json(run("train_step ViT-B/16 224 bf16", BENCH,
-                                                                         timeout=240)))
+    bench_section(sections, "train_step", "")
     summary["zero3_final_loss"] = sections("pretrain_zero3", zero3_run)
     summary["finetune_eval"] = sections("export_finetune_evaluate", export_finetune_evaluate)
     summary["predict"] = sections("predict", predict)
+
+
+def bench_section(sections: Sections, name: str, label: str, extra: Callable[[], list[str]] = list,
+                  timeout: float = 240) -> None:
+    """Section ``name``: ``benchmarks/train_step.py`` for ViT-B/16 at 224 in bf16 with ``extra()`` arguments
+    (computed when the section runs); its JSON goes into the summary under ``name``."""
+    sections.summary[name] = sections(name, lambda: last_json(run(f"train_step ViT-B/16 224 bf16{label}",
+                                                                  [*BENCH, *extra()], timeout=timeout)))
 
 
 def benchmarks(work: Path, sections: Sections) -> None:
@@ -320,24 +327,18 @@ def benchmarks(work: Path, sections: Sections) -> None:
             made.append(write_shards(work / "jpeg_shards"))
         return made[0]
 
-    out["train_step"] = sections("train_step", lambda: last_json(run("train_step ViT-B/16 224 bf16", BENCH,
-                                                                     timeout=240)))
-    out["train_step_compiled"] = sections("train_step_compiled", lambda: last_json(run(
-        "train_step ViT-B/16 224 bf16, torch.compile", [*BENCH, "--compile"], timeout=420)))
-    out["train_step_recompute"] = sections("train_step_recompute", lambda: last_json(run(
-        "train_step ViT-B/16 224 bf16, recomputation", [*BENCH, "--grad-checkpointing"], timeout=240)))
+    bench_section(sections, "train_step", "")
+    bench_section(sections, "train_step_compiled", ", torch.compile", lambda: ["--compile"], timeout=420)
+    bench_section(sections, "train_step_recompute", ", recomputation", lambda: ["--grad-checkpointing"])
     # DeepSpeed's ZeRO-2 step costs the host about the same time whatever the micro-batch (its gradient
     # bucket path makes ~2,500 dispatcher calls a step for B/16's 152 tensors: narrows, views, copies), so
     # a larger micro-batch, as data.micro_batch_size=auto picks for the recipes, hides more of it.
-    out["train_step_batch256"] = sections("train_step_batch256", lambda: last_json(run(
-        "train_step ViT-B/16 224 bf16, micro-batch 256", [*BENCH, "--batch", "256", "--only", "ours_plain,ours_engine"],
-        timeout=240)))
+    bench_section(sections, "train_step_batch256", ", micro-batch 256",
+                  lambda: ["--batch", "256", "--only", "ours_plain,ours_engine"])
     for decode in ("gpu", "cpu"):
-        fed = [*BENCH, "--only", "ours_engine,ours_engine_data", "--decode", decode]
-        name = f"train_step_data_{decode}_decode"
-        out[name] = sections(name, lambda fed=fed, decode=decode: last_json(run(
-            f"train_step ViT-B/16 224 bf16 fed from JPEG shards, data.decode={decode}",
-            [*fed, "--shards", str(shards())], timeout=240)))
+        bench_section(sections, f"train_step_data_{decode}_decode", f" fed from JPEG shards, data.decode={decode}",
+                      lambda decode=decode: ["--only", "ours_engine,ours_engine_data", "--decode", decode,
+                                             "--shards", str(shards())])
     gpus = torch.cuda.device_count()
     if gpus > 1:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus),

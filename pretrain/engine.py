@@ -149,14 +149,17 @@ def build_engine(model: nn.Module, cfg: Config, ds_config: dict[str, Any]) -> An
     scheduler = build_scheduler(optimizer, cfg.schedule)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
-    _overflow_from_grad_norm(engine)
-    _foreach_grad_norm(engine)
+    zero = _lean_zero_optimizer(engine)
+    if zero is not None:
+        _overflow_from_grad_norm(zero)
+        _foreach_grad_norm(zero)
     return engine
 
 
 def _lean_zero_optimizer(engine: Any) -> Optional[Any]:
-    """The engine's stage 1-2 ZeRO optimizer when its step is the one measured and changed here
-    (no optimizer offload, no model or pipeline parallelism, which vitscale never sets up); else None."""
+    """The engine's stage 1-2 ZeRO optimizer when its step is the one measured and changed here by
+    ``_overflow_from_grad_norm`` and ``_foreach_grad_norm`` (no optimizer offload, no model or pipeline
+    parallelism, which vitscale never sets up); else None."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     optimizer = engine.optimizer
@@ -165,7 +168,7 @@ def _lean_zero_optimizer(engine: Any) -> Optional[Any]:
     return None
 
 
-def _overflow_from_grad_norm(engine: Any) -> None:
+def _overflow_from_grad_norm(optimizer: Any) -> None:
     """Stages 1-2: let the gradient norm alone find a non-finite step, not DeepSpeed's per-tensor check as well.
 
     Why: before the norm, ``DeepSpeedZeroOptimizer.step`` runs ``check_overflow``, which tests
@@ -183,13 +186,11 @@ def _overflow_from_grad_norm(engine: Any) -> None:
     computed; it is kept with optimizer offload (whose norm is computed on the host) and at
     stage 3 (another optimizer class, not measured).
     """
-    optimizer = _lean_zero_optimizer(engine)
-    if optimizer is not None and optimizer.compute_grad_norm and (optimizer.dtype != torch.bfloat16
-                                                                  or optimizer.check_grad_overflow):
+    if optimizer.compute_grad_norm and (optimizer.dtype != torch.bfloat16 or optimizer.check_grad_overflow):
         optimizer.check_overflow = lambda partition_gradients=True: None
 
 
-def _foreach_grad_norm(engine: Any) -> None:
+def _foreach_grad_norm(optimizer: Any) -> None:
     """Stages 1-2: the global gradient norm with multi-tensor kernels instead of two kernels per tensor.
 
     DeepSpeed's ``get_grad_norm_direct`` casts each gradient tensor to fp64 and takes its norm
@@ -202,9 +203,6 @@ def _foreach_grad_norm(engine: Any) -> None:
     from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
     from deepspeed.runtime.zero.utils import get_norm_dtype
 
-    optimizer = _lean_zero_optimizer(engine)
-    if optimizer is None:
-        return
     deepspeed_norm = optimizer.get_grad_norm_direct
 
     def grad_norm(gradients: list[torch.Tensor], params: list[torch.Tensor], norm_type: float = 2) -> torch.Tensor:

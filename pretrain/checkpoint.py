@@ -44,6 +44,7 @@ from torch import nn
 
 from data_tools.manifest import write_text_atomic
 from pretrain import collective
+from pretrain.optim import place_step_counts
 
 log = logging.getLogger(__name__)
 
@@ -313,6 +314,7 @@ def load_deepspeed(engine: Any, checkpoint: Checkpoint, shapes: dict[str, list[i
                                                 load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint to load in {load_dir}/{tag}")
+    place_step_counts(getattr(engine.optimizer, "optimizer", engine.optimizer))
     rng_file = checkpoint.path / f"rng_rank{_rank():05d}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))

@@ -44,6 +44,25 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> Optimizer:
     raise ValueError(f"optim.name={cfg.name!r} is not one of ['adamw', 'sgd']")
 
 
+def place_step_counts(optimizer: Optimizer) -> None:
+    """Put each fused (or capturable) group's ``step`` counts where torch's kernels read them: fp32 on the
+    parameter's device.
+
+    Why: torch's ``load_state_dict`` does this itself (``_process_value_according_to_param_policy``),
+    but DeepSpeed's universal-checkpoint loader (a resume on another world size) assigns the
+    state directly, with the ``step`` it saved from a CPU copy (``torch.load(map_location="cpu")``).
+    The fused CUDA kernel takes the counts as device tensors (the reason torch moves them on
+    load). Values are kept; counts already in place are left alone.
+    """
+    for group in optimizer.param_groups:
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for param in group["params"]:
+            step = optimizer.state.get(param, {}).get("step")
+            if isinstance(step, torch.Tensor) and (step.device != param.device or step.dtype != torch.float32):
+                optimizer.state[param]["step"] = step.to(device=param.device, dtype=torch.float32)
+
+
 def build_scheduler(optimizer: Optimizer, cfg: ScheduleConfig) -> LRScheduler:
     """Linear warmup to the peak lr, then cosine or linear decay to ``min_lr`` at ``total_steps``.
 

@@ -46,6 +46,29 @@ def test_no_weight_decay_on_norms_biases_cls_and_pos_embed() -> None:
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.999)
 
 
+def test_step_counts_assigned_past_load_state_dict_are_put_where_the_fused_kernel_reads_them() -> None:
+    """DeepSpeed's universal loader assigns ``state["step"]`` directly (a CPU tensor from ``torch.load``), past
+    torch's own placement on load; ``place_step_counts`` applies torch's rule: fp32 on the parameter's
+    device, value kept. On this CPU machine the device is the same, so the dtype is what can be wrong."""
+    from pretrain.optim import place_step_counts
+
+    model = tiny_vit()
+    opt = build_optimizer(model, OptimConfig())
+    assert all(group["fused"] for group in opt.param_groups)
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    opt.step()
+    param = opt.param_groups[0]["params"][0]
+    opt.state[param]["step"] = torch.tensor(7.0, dtype=torch.float64)   # as assigned from another checkpoint
+    place_step_counts(opt)
+    step = opt.state[param]["step"]
+    assert step.dtype == torch.float32 and step.device == param.device and float(step) == 7.0
+    kept = opt.state[opt.param_groups[1]["params"][0]]["step"]
+    place_step_counts(opt)
+    assert opt.state[opt.param_groups[1]["params"][0]]["step"] is kept     # already in place: untouched
+    opt.step()
+    assert float(opt.state[param]["step"]) == 8.0
+
+
 @pytest.mark.parametrize("decay", ["cosine", "linear"])
 def test_schedule_matches_closed_form(decay: str) -> None:
     peak, min_lr, warmup, total = 1e-3, 1e-5, 10, 50

@@ -10,9 +10,8 @@ Choices made here:
 * The optimizer is a ``torch.optim`` one (``pretrain.optim``; AdamW with torch's fused
   kernel, one pass over each of ZeRO's flat partitions); ZeRO partitions its state just
   the same, and DeepSpeed's own CPU Adam would JIT-compile for minutes.
-* Stages 1-2 take a leaner step than DeepSpeed's default (``_overflow_from_grad_norm``,
-  ``_foreach_grad_norm``; on CPU ``_keep_bucket_buffers``): the same skipped steps, norm and
-  update, far fewer kernel launches, and no page faults on the gradient buckets.
+* Stages 1-2 take a leaner step than DeepSpeed's default (``pretrain.lean_zero``): the same
+  updates and skipped steps with a fraction of DeepSpeed's per-tensor host work.
 * Non-finite steps: DeepSpeed's ZeRO optimizers skip an update whose gradient norm
   is inf/NaN (and then do not step the LR schedule). For fp32 that check is always
   on at stages 1-3; for bf16 we switch it on (``check_grad_overflow``); fp16 has
@@ -58,6 +57,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from pretrain.config import Config, ConfigError, DeepSpeedConfig
+from pretrain.lean_zero import make_lean
 from pretrain.optim import build_optimizer, build_scheduler
 
 STEPS_PER_PRINT_NEVER = 1 << 62
@@ -150,117 +150,8 @@ def build_engine(model: nn.Module, cfg: Config, ds_config: dict[str, Any]) -> An
     scheduler = build_scheduler(optimizer, cfg.schedule)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
-    zero = _lean_zero_optimizer(engine)
-    if zero is not None:
-        _overflow_from_grad_norm(zero)
-        _foreach_grad_norm(zero)
-        if torch.device(zero.device).type == "cpu":
-            _keep_bucket_buffers(zero)
+    make_lean(engine)
     return engine
-
-
-def _lean_zero_optimizer(engine: Any) -> Optional[Any]:
-    """The engine's stage 1-2 ZeRO optimizer when its step is the one measured and changed here by
-    ``_overflow_from_grad_norm``, ``_foreach_grad_norm`` and ``_keep_bucket_buffers`` (no optimizer
-    offload, no model or pipeline parallelism, which vitscale never sets up); else None."""
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    optimizer = engine.optimizer
-    if type(optimizer) is DeepSpeedZeroOptimizer and not optimizer.cpu_offload and optimizer.mpu is None:
-        return optimizer
-    return None
-
-
-def _overflow_from_grad_norm(optimizer: Any) -> None:
-    """Stages 1-2: let the gradient norm alone find a non-finite step, not DeepSpeed's per-tensor check as well.
-
-    Why: before the norm, ``DeepSpeedZeroOptimizer.step`` runs ``check_overflow``, which tests
-    every gradient tensor of the partition separately: about ten kernels per tensor (amax,
-    amin, isfinite twice, logical ops, an add), 1,500 launches per step for ViT-B/16's 152
-    tensors, then a host sync. Measured on one H200 (``benchmarks/train_step.py``, B/16 at 224,
-    bf16, batch 128): the engine ran at 0.58x a plain loop with it, 0.85x without; the device
-    busy time per step was the same in both, so the cost was all launches on the host.
-
-    The step then computes the global gradient norm anyway (``compute_grad_norm``, on since
-    clipping needs it): a sum over every gradient, all-reduced over the ranks, so any inf or
-    NaN anywhere makes it inf or NaN; DeepSpeed masks that to -1 and, for fp32/fp16 and for
-    bf16 with ``check_grad_overflow``, declares the step an overflow and skips it, exactly as
-    the per-tensor check would. So the per-tensor check is redundant wherever that norm is
-    computed; it is kept with optimizer offload (whose norm is computed on the host) and at
-    stage 3 (another optimizer class, not measured).
-    """
-    if optimizer.compute_grad_norm and (optimizer.dtype != torch.bfloat16 or optimizer.check_grad_overflow):
-        optimizer.check_overflow = lambda partition_gradients=True: None
-
-
-def _foreach_grad_norm(optimizer: Any) -> None:
-    """Stages 1-2: the global gradient norm with multi-tensor kernels instead of two kernels per tensor.
-
-    DeepSpeed's ``get_grad_norm_direct`` casts each gradient tensor to fp64 and takes its norm
-    separately (ViT-B/16: 152 casts + 152 norms + a stack per step, host launch time). This is
-    the same sum for the L2 norm with ``torch._foreach_norm``, then DeepSpeed's own all-reduce
-    (in fp32, as DeepSpeed's) and masking of a non-finite result, which ``_overflow_from_grad_norm``
-    relies on. Other norm types keep DeepSpeed's function.
-
-    The per-tensor norms accumulate in fp32, as ``torch.nn.utils.clip_grad_norm_`` does, not in
-    fp64: torch sums fp32 pairwise (relative error about 1e-7 per tensor), far below what a clip
-    threshold needs, while fp64 accumulation took 4x as long on CPU (Ti/16's gradients: 3.4 ms
-    against 0.85 ms per step on 2 cores, best of 11). The one difference: a sum of squares
-    above fp32's range (a norm above about 1.8e19) reads as non-finite and the step is
-    skipped, where fp64 would have clipped it; a gradient that large has diverged either way.
-    """
-    from deepspeed import comm as dist
-    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
-
-    deepspeed_norm = optimizer.get_grad_norm_direct
-
-    def grad_norm(gradients: list[torch.Tensor], params: list[torch.Tensor], norm_type: float = 2) -> torch.Tensor:
-        if float(norm_type) != 2.0:
-            return deepspeed_norm(gradients, params, norm_type)
-        grads = [g for g in gradients if not getattr(g, "_zero_padding", False)]
-        if grads:
-            norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
-            total = torch.stack(norms).pow(2).sum().float()
-        else:
-            total = torch.zeros((), dtype=torch.float32, device=optimizer.device)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=optimizer.dp_process_group)
-        total = total.pow(0.5)
-        mask_nan_or_inf_with_val_inplace(total, device=optimizer.device)
-        return total
-
-    optimizer.get_grad_norm_direct = grad_norm
-
-
-def _keep_bucket_buffers(optimizer: Any) -> None:
-    """On CPU, stages 1-2 keep their gradient bucket buffers from one backward to the next.
-
-    Why: DeepSpeed frees its ``reduce_bucket_size`` bucket buffers (25 M elements, 100 MB in
-    fp32) after every backward and allocates them again at the next, so the optimizer step has
-    that memory. On a GPU the caching allocator hands the same block back; on the CPU a block
-    that large is a fresh ``mmap`` each time, and the first write to each of its pages faults:
-    Ti/16's 23 MB of gradients cost 5,556 minor page faults per backward, about 10 % of a
-    250 ms step on 2 cores, where a plain loop has none in backward (``getrusage``). Kept,
-    the buffers are written in place like any other. Only the buckets are kept: the gradient
-    partition (``grads_in_partition``) must be new at each micro-batch, since with gradient
-    accumulation the previous micro-batch's views into it are still being summed.
-    """
-    release, setup = optimizer._release_ipg_buffers, optimizer.setup_buckets
-    kept: dict[torch.dtype, list[torch.Tensor]] = {}
-
-    def release_keeping() -> None:
-        kept.update({dtype: list(bucket.buffer) for dtype, bucket in optimizer.ipg_buckets.items()})
-        release()
-
-    def setup_reusing() -> None:
-        allocating = not optimizer.ready_for_gradients
-        setup()  # DeepSpeed's bookkeeping; its new buffers are untouched pages, unmapped unused when swapped out
-        for dtype, bucket in optimizer.ipg_buckets.items():
-            old = kept.pop(dtype, [])
-            if allocating and [(t.shape, t.dtype) for t in old] == [(t.shape, t.dtype) for t in bucket.buffer]:
-                bucket.buffer[:] = old
-
-    optimizer._release_ipg_buffers = release_keeping
-    optimizer.setup_buckets = setup_reusing
 
 
 def current_lr(engine: Any) -> float:

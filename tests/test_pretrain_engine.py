@@ -290,7 +290,7 @@ def test_compiled_model_trains_like_eager(process_group, demo_shards: Path, tmp_
 def test_one_nonfinite_gradient_tensor_skips_the_update_without_the_per_tensor_check(
         stage: int, precision: str, process_group, demo_shards: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """``pretrain.engine`` drops DeepSpeed's per-tensor overflow check at stages 1-2 and relies on the global
+    """``pretrain.lean_zero`` drops DeepSpeed's per-tensor overflow check at stages 1-2 and relies on the global
     gradient norm: an inf in a single element of a single gradient tensor (finite loss) must still make the
     step a skipped one with unchanged weights, and a finite step must update them. The per-tensor check
     (``has_overflow_partitioned_grads_serial``) must not run at all."""
@@ -339,7 +339,7 @@ def test_one_nonfinite_gradient_tensor_skips_the_update_without_the_per_tensor_c
 @pytest.mark.parametrize("stage", [1, 2])
 def test_global_grad_norm_equals_torchs_on_the_same_gradients(stage: int, process_group, demo_shards: Path,
                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The engine's multi-tensor gradient norm (``pretrain.engine._foreach_grad_norm``) against
+    """The engine's multi-tensor gradient norm (``pretrain.lean_zero._foreach_grad_norm``) against
     ``torch.nn.utils.get_total_norm`` of a plain fp32 copy of the model on the same batch (relative 1e-5:
     both sum in at least fp32, measured difference ~1e-7)."""
     import copy
@@ -373,72 +373,114 @@ def test_global_grad_norm_equals_torchs_on_the_same_gradients(stage: int, proces
     engine.destroy()
 
 
-@pytest.mark.parametrize("stage,accumulation", [(1, 1), (2, 1), (2, 2)])
-def test_lean_zero_step_equals_a_plain_adamw_loop_and_deepspeeds_own_buffers(
-        stage: int, accumulation: int, process_group, demo_shards: Path, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The engine's stage 1-2 step (fused AdamW, fp32 norm, ``_keep_bucket_buffers``) over 4 optimizer steps
-    of ``accumulation`` micro-batches, fp32, tolerance 0:
+class DispatchCount:
+    """Counts every ATen call the dispatcher sees inside ``with``: the host work a GPU step would launch or run."""
 
-    * against a plain loop on a copy of the model (the same AdamW from ``build_optimizer``, the same
-      groups and schedule, ``clip_grad_norm_``): equal weights, bit for bit;
-    * against the same engine with DeepSpeed's own bucket buffers (new ones at every backward): equal
-      weights, bit for bit; with ``_keep_bucket_buffers`` every bucket is reduced from one storage.
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.calls += 1
+                return func(*args, **(kwargs or {}))
+
+        self.calls, self.mode = 0, Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("stage,precision,accumulation", [(1, "fp32", 1), (2, "fp32", 1), (2, "fp32", 2),
+                                                          (2, "bf16", 2)])
+def test_lean_zero_step_equals_deepspeeds_own_and_a_plain_loop_with_less_host_work(
+        stage: int, precision: str, accumulation: int, process_group, demo_shards: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pretrain.lean_zero`` (with fused AdamW) over 4 optimizer steps of ``accumulation`` micro-batches,
+    tolerance 0:
+
+    * against the same engine with DeepSpeed's own step (``make_lean`` left out): equal weights, bit for
+      bit, fp32 and bf16;
+    * fp32: against a plain loop on a copy of the model (the same AdamW from ``build_optimizer``, the
+      same groups and schedule, ``clip_grad_norm_``): equal weights, bit for bit;
+    * the work it removes is gone: DeepSpeed's re-pointing of the parameters never runs after the
+      start, the bf16 gradient partition is built once per group, every bucket is reduced from one
+      storage, and a step dispatches at least 4 fewer ATen calls per parameter tensor.
 
     Why tolerance 0 and a clip threshold that never clips (1e6): the attention's key bias gets a
     gradient of pure rounding noise (softmax ignores it), which Adam normalises to updates of the
-    order of the learning rate, so one ulp of difference anywhere (a clip factor computed by
-    another norm kernel, another AdamW kernel) shows up as ~1e-3 in those weights. Identical
-    arithmetic gives identical weights; the norm itself is compared in
-    ``test_global_grad_norm_equals_torchs_on_the_same_gradients``.
+    order of the learning rate, so one ulp of difference anywhere (a clip factor from another norm
+    kernel, another AdamW kernel) shows up as ~1e-3 in those weights. Identical arithmetic gives
+    identical weights; the norm itself is compared in ``test_global_grad_norm_equals_torchs_on_the_same_gradients``.
     """
     import copy
+
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     import pretrain.engine
     from pretrain.engine import build_engine, deepspeed_config
     from pretrain.model import build_vit
     from pretrain.optim import build_optimizer, build_scheduler
 
-    cfg = tiny_config(tmp_path / "run", demo_shards, f"deepspeed.zero_stage={stage}", "deepspeed.precision=fp32",
+    calls: dict[str, int] = {}
+    for name in ("_update_model_bit16_weights", "_build_compact_grad_partition_buffer"):
+        original = getattr(DeepSpeedZeroOptimizer, name)
+        monkeypatch.setattr(DeepSpeedZeroOptimizer, name, lambda self, *a, _f=original, _n=name: (
+            calls.__setitem__(_n, calls.get(_n, 0) + 1), _f(self, *a))[1])
+    cfg = tiny_config(tmp_path / "run", demo_shards, f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}",
                       "data.global_batch_size=16", f"data.micro_batch_size={16 // accumulation}", "optim.grad_clip=1e6")
     torch.manual_seed(0)
     model = build_vit("custom", img_size=16, num_classes=10, embed_dim=32, depth=2, num_heads=2, mlp_dim=64,
                       patch_size=8)
     torch.nn.init.normal_(model.head.weight, std=0.1)                 # nonzero: every tensor gets a gradient
     plain, unpatched = copy.deepcopy(model), copy.deepcopy(model)
+    tensors = len(list(model.parameters()))
     batches = [(torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))) for _ in range(4)]
     loss_fn = torch.nn.functional.cross_entropy
 
-    def train_engine(engine) -> dict[str, torch.Tensor]:
+    def train_engine(engine) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        calls.clear()                                                 # DeepSpeed's own set-up calls
         buckets: list[torch.Tensor] = []                              # held, so no address is reused
         average = engine.optimizer.average_tensor
         engine.optimizer.average_tensor = lambda t, *a: (buckets.append(t), average(t, *a))[1]
-        for x, y in batches:
-            for xs, ys in zip(x.chunk(accumulation), y.chunk(accumulation)):
-                engine.backward(loss_fn(engine(xs), ys))
-                engine.step()
-        assert len(buckets) == len(batches) * accumulation
-        train_engine.storages = len({t.untyped_storage().data_ptr() for t in buckets})
+        dtype = engine.module.cls_token.dtype
+        for step, (x, y) in enumerate(batches):
+            with DispatchCount() as dispatched:
+                for xs, ys in zip(x.chunk(accumulation), y.chunk(accumulation)):
+                    engine.backward(loss_fn(engine(xs.to(dtype)).float(), ys))
+                    engine.step()
+        seen = {**calls, "storages": len({t.untyped_storage().data_ptr() for t in buckets}),
+                "dispatched_last_step": dispatched.calls}
         state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
         engine.destroy()
-        return state
+        return state, seen
 
-    ours = train_engine(build_engine(model, cfg, deepspeed_config(cfg, world_size=1, gpu=False)))
-    assert train_engine.storages == 1
-    monkeypatch.setattr(pretrain.engine, "_keep_bucket_buffers", lambda optimizer: None)
-    deepspeeds = train_engine(build_engine(unpatched, cfg, deepspeed_config(cfg, world_size=1, gpu=False)))
-    assert train_engine.storages == len(batches) * accumulation
+    ours, lean = train_engine(build_engine(model, cfg, deepspeed_config(cfg, world_size=1, gpu=False)))
+    monkeypatch.setattr(pretrain.engine, "make_lean", lambda engine: None)
+    deepspeeds, own = train_engine(build_engine(unpatched, cfg, deepspeed_config(cfg, world_size=1, gpu=False)))
     assert all(torch.equal(ours[k], deepspeeds[k]) for k in ours)
 
-    optimizer = build_optimizer(plain, cfg.optim)
-    assert all(group["fused"] for group in optimizer.param_groups)
-    schedule = build_scheduler(optimizer, cfg.schedule)
-    for x, y in batches:
-        for xs, ys in zip(x.chunk(accumulation), y.chunk(accumulation)):
-            (loss_fn(plain(xs), ys) / accumulation).backward()
-        torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-    want = plain.state_dict()
-    assert all(torch.equal(ours[k], want[k]) for k in want), max((ours[k] - want[k]).abs().max() for k in want)
+    steps, groups = len(batches), 2
+    assert own["_update_model_bit16_weights"] == groups * steps and "_update_model_bit16_weights" not in lean
+    if precision == "bf16":                                           # fp32 accumulation: the compact partition
+        assert own["_build_compact_grad_partition_buffer"] == groups * steps
+        assert lean["_build_compact_grad_partition_buffer"] == groups
+    assert own["storages"] == steps * accumulation and lean["storages"] == 1
+    assert lean["dispatched_last_step"] <= own["dispatched_last_step"] - 4 * tensors, (lean, own)
+
+    if precision == "fp32":
+        optimizer = build_optimizer(plain, cfg.optim)
+        assert all(group["fused"] for group in optimizer.param_groups)
+        schedule = build_scheduler(optimizer, cfg.schedule)
+        for x, y in batches:
+            for xs, ys in zip(x.chunk(accumulation), y.chunk(accumulation)):
+                (loss_fn(plain(xs), ys) / accumulation).backward()
+            torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+        want = plain.state_dict()
+        assert all(torch.equal(ours[k], want[k]) for k in want), max((ours[k] - want[k]).abs().max() for k in want)

@@ -20,6 +20,10 @@ contender alike):
   ``--workers`` loader workers) and ``BatchPreprocessor``; ``data_vs_synthetic`` = its img/s /
   ``ours_engine``'s, 1.0 when the input path keeps up (issue 14: "data path on/off").
 
+``<name>_aten_calls_per_step`` (eager only): ATen calls one step dispatches (``pretrain.metrics.dispatched_calls``),
+the host work behind a step; exact and machine-independent, so an engine's overhead on a GPU's host
+can be compared with the plain loop's on any CPU.
+
 ``--compile``: the plain loops run ``torch.compile``d modules and the engine is compiled the
 way ``model.compile`` does it (``engine.compile()``), so on a GPU the engine is compared with a
 plain compiled bf16 loop. Under ``torchrun`` with N processes the plain loops still run on each
@@ -51,7 +55,7 @@ from pretrain.config import Config, apply_overrides
 from pretrain.distributed import DistEnv, init_distributed
 from pretrain.engine import build_engine, deepspeed_config
 from pretrain.flops import flops_per_image
-from pretrain.metrics import UNKNOWN, Throughput, device_peak_tflops
+from pretrain.metrics import UNKNOWN, Throughput, device_peak_tflops, dispatched_calls
 from pretrain.model import build_vit
 from pretrain.train_stream import build_train_stream
 from pretrain.transforms import BatchPreprocessor
@@ -246,6 +250,8 @@ def main() -> None:
     if {"ours_engine", "ours_engine_data"} <= set(best):
         result.update(decode=args.decode, workers=args.workers,
                       data_vs_synthetic=round(best["ours_engine_data"] / best["ours_engine"], 3))
+    if not args.compile:
+        result.update({f"{name}_aten_calls_per_step": dispatched_calls(step) for name, step in steps.items()})
     throughput = Throughput(flops_per_image(ours), 1, device_peak_tflops(device, args.peak_tflops),
                             recompute=args.grad_checkpointing)
     for key in best:

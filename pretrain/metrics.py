@@ -88,6 +88,30 @@ def finish_device_work(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def dispatched_calls(run: Any) -> int:
+    """How many ATen calls the dispatcher sees while ``run()`` runs (views, copies and kernels alike).
+
+    Why count them: a training step on a GPU is host-bound once the host takes longer to issue
+    its calls than the device takes to run them, and a wrapper such as DeepSpeed adds many
+    small calls per parameter tensor. The count is exact and the same on any machine, so an
+    engine's host work can be compared with a plain loop's on a CPU, where no GPU is at hand.
+    Not for compiled modules: the dispatch mode makes them re-trace.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = 0
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            nonlocal calls
+            calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counting():
+        run()
+    return calls
+
+
 class Throughput:
     """Accumulates step and data-wait time between two ``report()`` calls."""
 

@@ -44,13 +44,12 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 import torchvision.transforms.v2 as v2
-import webdataset as wds
 from PIL import Image
 from sklearn.datasets import load_sample_images
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 
-from data_tools.index import index_directory
+from data_tools.convert import convert
 from pretrain.config import DataConfig
 from pretrain.train_stream import build_train_stream
 from pretrain.transforms import decode_rgb, read_header
@@ -84,23 +83,6 @@ def make_images(root: Path, count: int, seed: int = 0) -> list[tuple[Path, int]]
         image.save(path, quality=90)
         items.append((path, label))
     return items
-
-
-def write_shards(items: list[tuple[Path, int]], out: Path, per_shard: int) -> None:
-    """The same files as webdataset shards with a timm-layout ``_info.json``."""
-    out.mkdir(parents=True, exist_ok=True)
-    names, lengths = [], []
-    for start in range(0, len(items), per_shard):
-        name = f"train-{start // per_shard:06d}.tar"
-        chunk = items[start:start + per_shard]
-        with wds.TarWriter(str(out / name)) as sink:
-            for path, label in chunk:
-                sink.write({"__key__": path.stem, "jpg": path.read_bytes(), "cls": str(label).encode()})
-        names.append(name)
-        lengths.append(len(chunk))
-    info = {"name": "bench", "splits": {"train": {"name": "train", "filenames": names,
-                                                  "shard_lengths": lengths, "num_samples": len(items)}}}
-    (out / "_info.json").write_text(json.dumps(info))
 
 
 class DecodeOnly(Dataset):
@@ -182,13 +164,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.images // 4 < 2 * args.batch:
+        parser.error(f"--images {args.images} is too few for --batch {args.batch}: the single-process epochs time "
+                     f"{args.images // 4} images after an untimed first batch; give --images >= {8 * args.batch}")
     torch.set_num_threads(1)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
         items = make_images(root / "folder", args.images)
-        write_shards(items, root / "shards", per_shard=250)
+        convert(root / "folder", root / "shards", samples_per_shard=250, progress=False)
         mean_kb = float(np.mean([p.stat().st_size for p, _ in items]) / 1024)
         print(f"wrote {len(items)} JPEGs ({mean_kb:.0f} KB mean) as files and shards in {time.perf_counter() - t0:.1f}s")
 
@@ -211,7 +196,6 @@ def main() -> None:
                 "decode_only": lambda: DataLoader(decode, batch_size=args.batch, num_workers=workers),
             }
 
-        index_directory(root / "shards")
         resume = {at: best_resume(DataConfig(train_shards=str(root / "shards"), global_batch_size=args.batch,
                                              micro_batch_size=args.batch, num_workers=0), at, args.repeats)
                   for at in RESUME_AT}

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 
+from data_tools.convert import convert
 from pretrain.config import DataConfig
 from pretrain.decode import EncodedBatch, finish_batch
 from pretrain.train_stream import build_train_stream
@@ -52,19 +52,15 @@ def photo_like(rng: np.random.Generator) -> bytes:
 
 
 def write_shards(out: Path) -> Path:
+    """``IMAGES`` photo-like JPEGs in 10 classes, written as an ImageFolder tree next to ``out`` and converted
+    into shards in ``out`` by ``data_tools`` (JPEGs are stored as they are)."""
     rng = np.random.default_rng(0)
-    out.mkdir(parents=True, exist_ok=True)
-    names = []
-    for shard in range(IMAGES // PER_SHARD):
-        names.append(f"train-{shard:06d}.tar")
-        with wds.TarWriter(str(out / names[-1])) as sink:
-            for i in range(PER_SHARD):
-                index = shard * PER_SHARD + i
-                sink.write({"__key__": f"img{index:06d}", "jpg": photo_like(rng), "cls": str(index % 10).encode()})
-    info = {"name": "gpu_decode", "splits": {"train": {"name": "train", "filenames": names,
-                                                       "shard_lengths": [PER_SHARD] * len(names),
-                                                       "num_samples": IMAGES}}}
-    (out / "_info.json").write_text(json.dumps(info))
+    folder = out.with_name(out.name + "_images")
+    for index in range(IMAGES):
+        path = folder / f"class_{index % 10}" / f"img{index:06d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(photo_like(rng))
+    convert(folder, out, samples_per_shard=PER_SHARD, progress=False)
     return out
 
 

@@ -194,12 +194,30 @@ def test_gpu_check_refuses_without_a_gpu(tmp_path: Path) -> None:
     assert "no CUDA GPU visible" in proc.stderr and "make test" in proc.stderr
 
 
+def launch_module(name: str):
+    """``launch/<name>.py`` imported as a module (``launch`` is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, LAUNCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_gpu_decode_check_runs_its_cpu_mode_through_the_converter(tmp_path: Path) -> None:
+    """``launch/gpu_decode_check.py`` (a gpu-check section) on the CPU: its JPEGs go through ``data_tools``'
+    converter, and with libjpeg on both sides ``data.decode=gpu`` equals ``cpu_full`` pixel for pixel
+    (``tests/test_decode.py`` says why), resumes exactly and reports a decode speed."""
+    figures = launch_module("gpu_decode_check").main(tmp_path, "cpu")
+    info = json.loads((tmp_path / "shards" / "_info.json").read_text())["splits"]["train"]
+    assert info["num_samples"] == figures["images"] == 512 and len(list((tmp_path / "shards").glob("*.tar.idx"))) == 4
+    assert figures["mean_abs_levels"] == 0 and figures["max_abs_levels"] == 0
+    assert figures["resume_exact"] is True and figures["device_decode_images_per_s"] > 0
+
+
 def test_gpu_check_takes_prebuilt_demo_shards_or_names_the_fix(demo_shards: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU machine has no scikit-learn: gpu-check verifies and uses the shards ``make gpu-wheels`` built."""
-    spec = importlib.util.spec_from_file_location("gpu_check", LAUNCH / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = launch_module("gpu_check")
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: None if name == "sklearn" else find_spec(name, *args))

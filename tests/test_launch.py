@@ -291,6 +291,22 @@ def test_train_step_benchmark_feeds_the_engine_from_shards_on_each_decode_path(d
             result["ours_engine_data_images_per_s"] / result["ours_engine_images_per_s"], abs=1e-3)
 
 
+@pytest.mark.slow
+def test_train_step_benchmark_runs_the_engine_across_processes_for_weak_scaling() -> None:
+    """gpu-check's weak-scaling figure launches ``benchmarks/train_step.py`` under ``torch.distributed.run`` on
+    every visible GPU; the same launch on 2 CPU processes (gloo) must train the engine across both and report
+    its per-process images/s and ATen calls per step (rank 0 prints the one JSON line)."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "benchmarks/train_step.py", "--variant", "Ti/16", "--img-size", "32", "--batch", "4",
+                           "--steps", "2", "--warmup", "1", "--repeats", "1", "--only", "ours_engine"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=_env(OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 1, proc.stdout[-2000:]
+    assert results[0]["world_size"] == 2 and results[0]["ours_engine_images_per_s"] > 0
+    assert results[0]["ours_engine_aten_calls_per_step"] > 0
+
+
 # ------------------------------------------------------------------ preemption under --kill-on-bad-exit
 
 

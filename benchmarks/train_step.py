@@ -55,7 +55,7 @@ from pretrain.config import Config, apply_overrides
 from pretrain.distributed import DistEnv, init_distributed
 from pretrain.engine import build_engine, deepspeed_config
 from pretrain.flops import flops_per_image
-from pretrain.metrics import UNKNOWN, Throughput, device_peak_tflops, dispatched_calls
+from pretrain.metrics import UNKNOWN, Throughput, device_peak_tflops, dispatched_calls, finish_device_work
 from pretrain.model import build_vit
 from pretrain.train_stream import build_train_stream
 from pretrain.transforms import BatchPreprocessor
@@ -73,7 +73,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     parser.add_argument("--compile", action="store_true", help="torch.compile every contender")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU/HFU (default: table)")
-    parser.add_argument("--only", default=None, help="comma-separated contenders to run (default: all three)")
+    parser.add_argument("--only", default=None, help="comma-separated contenders to run (default: all)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="config override for the engine, e.g. deepspeed.zero_stage=1 or "
                              "'deepspeed.extra={zero_optimization: {overlap_comm: false}}' (repeatable)")
@@ -92,13 +92,11 @@ def timed_steps(step: Callable[[], None], steps: int, warmup: int, device: torch
     """Seconds for ``steps`` calls of ``step`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    finish_device_work(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    finish_device_work(device)
     return time.perf_counter() - start
 
 
@@ -157,14 +155,12 @@ def profile(step: Callable[[], None], out: Path, device: torch.device, steps: in
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    finish_device_work(device)
     start = time.perf_counter()
     with torch_profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        finish_device_work(device)
     wall_us = (time.perf_counter() - start) * 1e6
     averages = prof.key_averages()
     busy_us = sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA")

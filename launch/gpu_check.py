@@ -370,11 +370,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("gpu-check: no CUDA GPU is visible (torch.cuda.is_available() is False); this check needs one. "
               "On CPU use `make demo` and `make test`.", file=sys.stderr)
         return 2
-    bench_only = args.bench
     start = time.monotonic()
     sections = Sections({"seconds": {}}, with_inputs(only) if only else None)
     with tempfile.TemporaryDirectory(prefix="vitscale_gpu_check_") as tmp:
-        if bench_only:
+        if args.bench:
             benchmarks(Path(tmp), sections)
         else:
             check(Path(tmp), sections)

@@ -34,6 +34,7 @@ from PIL import Image
 from data_tools.convert import convert
 from pretrain.config import DataConfig
 from pretrain.decode import EncodedBatch, finish_batch
+from pretrain.metrics import finish_device_work
 from pretrain.train_stream import build_train_stream
 
 IMAGES, PER_SHARD, IMG_SIZE, BATCHES, SPEED_BATCH = 512, 128, 224, 3, 256
@@ -107,14 +108,13 @@ def main(work: Path, device: str = "cuda") -> dict:
     batches: list[EncodedBatch] = [next(encoded)[0] for _ in range(IMAGES // SPEED_BATCH)]
     if device == "cuda":
         batches = [EncodedBatch(*(t.pin_memory() for t in b)) for b in batches]
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     finish_batch(batches[0], IMG_SIZE, device)
-    sync()
+    finish_device_work(torch.device(device))
     start, rounds = time.perf_counter(), 5
     for _ in range(rounds):
         for batch in batches:
             finish_batch(batch, IMG_SIZE, device)
-    sync()
+    finish_device_work(torch.device(device))
     per_s = rounds * IMAGES / (time.perf_counter() - start)
     return {"images": IMAGES, "mean_abs_levels": round(mean, 3), "max_abs_levels": max(maxes),
             "resume_exact": resume_exact, "device_decode_images_per_s": round(per_s),

@@ -39,18 +39,17 @@ LEAN_ATTRIBUTES = (
 """What the functions here read or replace on DeepSpeed's optimizer (checked before any is applied)."""
 
 
-def make_lean(engine: Any) -> Optional[Any]:
-    """Apply the lean step to ``engine``'s ZeRO stage 1-2 optimizer; return it, or None where DeepSpeed's runs."""
+def make_lean(engine: Any) -> None:
+    """Apply the lean step to ``engine``'s ZeRO stage 1-2 optimizer, where it applies (module docstring)."""
     optimizer = lean_zero_optimizer(engine)
     if optimizer is None:
-        return None
+        return
     _overflow_from_grad_norm(optimizer)
     _foreach_grad_norm(optimizer)
     _keep_parameter_views(optimizer)
     _reuse_grad_partition_buffer(optimizer)
     if torch.device(optimizer.device).type == "cpu":
         _keep_bucket_buffers(optimizer)
-    return optimizer
 
 
 def lean_zero_optimizer(engine: Any) -> Optional[Any]:
@@ -118,7 +117,7 @@ def _foreach_grad_norm(optimizer: Any) -> None:
         grads = [g for g in gradients if not getattr(g, "_zero_padding", False)]
         if grads:
             norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
-            total = torch.stack(norms).pow(2).sum().float()
+            total = torch.stack(norms).pow(2).sum()
         else:
             total = torch.zeros((), dtype=torch.float32, device=optimizer.device)
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=optimizer.dp_process_group)
@@ -212,9 +211,11 @@ def _keep_bucket_buffers(optimizer: Any) -> None:
     def setup_reusing() -> None:
         allocating = not optimizer.ready_for_gradients
         setup()  # DeepSpeed's bookkeeping; its new buffers are untouched pages, unmapped unused when swapped out
+        if not allocating:
+            return
         for dtype, bucket in optimizer.ipg_buckets.items():
             old = kept.pop(dtype, [])
-            if allocating and [(t.shape, t.dtype) for t in old] == [(t.shape, t.dtype) for t in bucket.buffer]:
+            if [(t.shape, t.dtype) for t in old] == [(t.shape, t.dtype) for t in bucket.buffer]:
                 bucket.buffer[:] = old
 
     optimizer._release_ipg_buffers = release_keeping

@@ -238,18 +238,11 @@ def test_gpu_check_takes_prebuilt_demo_shards_or_names_the_fix(demo_shards: Path
         gpu_check.demo_shards(tmp_path)
 
 
-def _gpu_check_module():
-    spec = importlib.util.spec_from_file_location("gpu_check", LAUNCH / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gpu_check_runs_every_section_past_a_failure_and_skips_only_what_needs_it(
         capsys: pytest.CaptureFixture) -> None:
     """One short GPU lease must show every failure: a failed section does not stop the check; the sections
     that use its output are skipped and named; ``--only`` runs a section with the sections it needs."""
-    gpu_check = _gpu_check_module()
+    gpu_check = launch_module("gpu_check")
     assert gpu_check.with_inputs(["predict"]) == {"predict", "export_finetune_evaluate", "pretrain_zero2_kill_resume",
                                                    "data"}
     assert set(gpu_check.NEEDS) <= set(gpu_check.SECTIONS)

@@ -427,6 +427,7 @@ def test_lean_zero_step_equals_deepspeeds_own_and_a_plain_loop_with_less_host_wo
         average = engine.optimizer.average_tensor
         engine.optimizer.average_tensor = lambda t, *a: (buckets.append(t), average(t, *a))[1]
         dtype = engine.module.cls_token.dtype
+
         def step(x: torch.Tensor, y: torch.Tensor) -> None:
             for xs, ys in zip(x.chunk(accumulation), y.chunk(accumulation)):
                 engine.backward(loss_fn(engine(xs.to(dtype)).float(), ys))

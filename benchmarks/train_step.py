@@ -52,13 +52,13 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.config import Config, apply_overrides
+from pretrain.data.train_stream import build_train_stream
+from pretrain.data.transforms import BatchPreprocessor
 from pretrain.distributed import DistEnv, init_distributed
 from pretrain.engine import build_engine, deepspeed_config
 from pretrain.flops import flops_per_image
 from pretrain.metrics import UNKNOWN, Throughput, device_peak_tflops, dispatched_calls, finish_device_work
 from pretrain.model import build_vit
-from pretrain.train_stream import build_train_stream
-from pretrain.transforms import BatchPreprocessor
 
 
 def parse_args() -> argparse.Namespace:

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from pretrain.config import ConfigError
-from pretrain.data import build_eval_stream
+from pretrain.data.eval_stream import build_eval_stream
+from pretrain.data.transforms import BatchPreprocessor
 from pretrain.distributed import single_process_device
 from pretrain.evaluate import evaluate_model
-from pretrain.transforms import BatchPreprocessor
 
 from .export import load_finetuned
 

@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 
 from pretrain.config import ConfigError
+from pretrain.data.transforms import BatchPreprocessor, CorruptImageError, build_eval_transform
 from pretrain.distributed import single_process_device
-from pretrain.transforms import BatchPreprocessor, CorruptImageError, build_eval_transform
 
 from .attention import attention_panel, predict_with_rollout
 from .export import load_finetuned

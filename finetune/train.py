@@ -35,7 +35,9 @@ from PIL import Image
 from data_tools.manifest import write_text_atomic
 from pretrain.checkpoint import CheckpointDir, check_shapes, param_shapes, save_collective
 from pretrain.config import ConfigError, config_to_dict, dump_config
-from pretrain.data import build_eval_stream
+from pretrain.data.eval_stream import build_eval_stream
+from pretrain.data.train_stream import StreamPosition, TrainStream, build_train_stream
+from pretrain.data.transforms import BatchPreprocessor
 from pretrain.distributed import DistEnv, join
 from pretrain.engine import grad_accum_steps
 from pretrain.evaluate import EvalResult, evaluate_model
@@ -46,8 +48,6 @@ from pretrain.metrics import (MetricsWriter, Stopwatch, Throughput, console_line
 from pretrain.optim import build_optimizer, build_scheduler, check_training
 from pretrain.signals import EXIT_PREEMPTED, PreemptionFlag
 from pretrain.train import EXIT_NONFINITE, stop_requested, stopped_during_start_up
-from pretrain.train_stream import StreamPosition, TrainStream, build_train_stream
-from pretrain.transforms import BatchPreprocessor
 
 from .attention import attention_panel, predict_with_rollout
 from .config import FinetuneConfig

@@ -33,9 +33,9 @@ from PIL import Image
 
 from data_tools.convert import convert
 from pretrain.config import DataConfig
-from pretrain.decode import EncodedBatch, finish_batch
+from pretrain.data.decode import EncodedBatch, finish_batch
+from pretrain.data.train_stream import build_train_stream
 from pretrain.metrics import finish_device_work
-from pretrain.train_stream import build_train_stream
 
 IMAGES, PER_SHARD, IMG_SIZE, BATCHES, SPEED_BATCH = 512, 128, 224, 3, 256
 MEAN_LEVELS = 3.0

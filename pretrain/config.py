@@ -118,7 +118,7 @@ class DataConfig:
     num_workers: int = 4
     """DataLoader worker processes per rank; the train order does not depend on it."""
     streams: int = 0
-    """Canonical streams ``C`` of the train order (``pretrain/order``): a step takes
+    """Canonical streams ``C`` of the train order (``pretrain/data/order``): a step takes
     ``global_batch_size / C`` samples from each, and a run resumes exactly on any world size
     dividing ``C``. 0: ``C = global_batch_size``, so every world size the batch allows reproduces it."""
     loader_memory_mb: int = 4096
@@ -129,13 +129,13 @@ class DataConfig:
     """Append the ``__key__`` of every train sample to ``<run.dir>/data_keys/rank-<RANK>.jsonl``,
     one line per optimizer step."""
     shuffle_buffer: int = 5000
-    """Unused: the train order is a permutation (``pretrain/order``), not a buffer shuffle.
+    """Unused: the train order is a permutation (``pretrain/data/order``), not a buffer shuffle.
     Still accepted so that recipes written before it load."""
     decode: Literal["cpu", "cpu_full", "gpu"] = "cpu"
     """Where train JPEGs are decoded. ``cpu``: in the loader workers, at a reduced DCT scale where
-    the crop keeps its resolution (``pretrain/transforms.py``); ``cpu_full``: in the workers, always
+    the crop keeps its resolution (``pretrain/data/transforms.py``); ``cpu_full``: in the workers, always
     at full scale; ``gpu``: workers hand over the encoded bytes and each crop, the training process
-    decodes the micro-batch with nvJPEG and crops on the device (``pretrain/decode.py``). The same
+    decodes the micro-batch with nvJPEG and crops on the device (``pretrain/data/decode.py``). The same
     samples and crops on every path; pixels differ slightly between them (README)."""
     randaugment: Optional[list[int]] = None
     """RandAugment ``[num_ops, magnitude]``, e.g. ``[2, 10]``; None disables it."""
@@ -279,7 +279,7 @@ def _shard_spec_missing(spec: Union[str, list[str]]) -> Optional[str]:
 
 def _order_errors(data: DataConfig, world_size: int) -> list[str]:
     """The train order's rules: ``streams`` divides the global batch, the world size divides ``streams``."""
-    from pretrain.order import default_streams, valid_world_sizes
+    from pretrain.data.order import default_streams, valid_world_sizes
 
     streams = data.streams or default_streams(data.global_batch_size)
     if streams < 1 or data.global_batch_size % streams:

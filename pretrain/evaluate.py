@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from pretrain import collective
-from pretrain.transforms import BatchPreprocessor
+from pretrain.data.transforms import BatchPreprocessor
 
 TOP_K = 5
 

@@ -29,21 +29,21 @@ from pretrain import collective, micro_batch
 from pretrain.checkpoint import (MARKER, Checkpoint, CheckpointDir, convert_to_universal, load_deepspeed,
                                  param_shapes, save_deepspeed, universal_path)
 from pretrain.config import Config, config_to_dict, dump_config
-from pretrain.data import build_eval_stream
+from pretrain.data.eval_stream import build_eval_stream
+from pretrain.data.keylog import KeyLog
+from pretrain.data.train_stream import StreamPosition, build_train_stream
+from pretrain.data.transforms import BatchPreprocessor
 from pretrain.distributed import DistEnv
 from pretrain.engine import (build_engine, current_lr, deepspeed_config, global_grad_norm, grad_accum_steps,
                              optimizer_state_elements, skip_step_if)
 from pretrain.evaluate import evaluate_model
 from pretrain.flops import flops_per_image
-from pretrain.keylog import KeyLog
 from pretrain.loss import build_loss, target_kind
 from pretrain.metrics import MetricsWriter, Throughput, console_line, device_peak_tflops, finish_device_work, memory_gb
 from pretrain.model import build_vit
 from pretrain.optim import check_training
 from pretrain.signals import EXIT_PREEMPTED, PreemptionFlag
 from pretrain.step_window import StepRecord, StepWindow, first_step_report
-from pretrain.train_stream import StreamPosition, build_train_stream
-from pretrain.transforms import BatchPreprocessor
 
 log = logging.getLogger("pretrain")
 

@@ -17,14 +17,14 @@ import torch
 import torchvision.transforms.v2 as v2
 from PIL import Image
 
-import pretrain.train_stream as train_stream
-import pretrain.transforms as transforms
 from pretrain.config import DataConfig
-from pretrain.data import build_eval_stream
-from pretrain.order import Order
-from pretrain.train_stream import StreamPosition, build_train_stream, loader_memory
-from pretrain.shards import resolve_shards
-from pretrain.transforms import BatchPreprocessor, EvalResize, TrainCrop, build_eval_transform, decode_rgb
+from pretrain.data.eval_stream import build_eval_stream
+from pretrain.data.order import Order
+from pretrain.data.shards import resolve_shards
+import pretrain.data.train_stream as train_stream
+from pretrain.data.train_stream import StreamPosition, build_train_stream, loader_memory
+import pretrain.data.transforms as transforms
+from pretrain.data.transforms import BatchPreprocessor, EvalResize, TrainCrop, build_eval_transform, decode_rgb
 
 IMG = 16
 
@@ -311,7 +311,7 @@ def test_batch_preprocessor_normalisation_and_targets():
 
 
 def test_a_checkpoint_position_of_the_old_stream_names_the_way_out():
-    """Checkpoints before ``pretrain.order`` saved {epoch, batch, lanes}; they cannot resume onto the new order."""
+    """Checkpoints before ``pretrain.data.order`` saved {epoch, batch, lanes}; they cannot resume onto the new order."""
     with pytest.raises(ValueError, match="from before the train order .* start a new run.dir"):
         StreamPosition.from_dict({"epoch": 3, "batch": 120, "lanes": 4})
     with pytest.raises(ValueError, match="non-negative ints"):

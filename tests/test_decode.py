@@ -16,9 +16,9 @@ import torchvision.transforms.v2.functional as F
 from PIL import Image
 
 from pretrain.config import ConfigError, DataConfig, load_config
-from pretrain.decode import EncodedBatch, build_encoded_crop, collate_encoded, finish_batch
-from pretrain.train_stream import _Builder, _Plan, build_train_stream
-from pretrain.transforms import CorruptImageError, TrainCrop, decode_rgb, read_header
+from pretrain.data.decode import EncodedBatch, build_encoded_crop, collate_encoded, finish_batch
+from pretrain.data.train_stream import _Builder, _Plan, build_train_stream
+from pretrain.data.transforms import CorruptImageError, TrainCrop, decode_rgb, read_header
 
 IMG = 16
 

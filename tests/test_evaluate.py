@@ -12,8 +12,8 @@ from sklearn.metrics import top_k_accuracy_score
 from torch import nn
 
 from pretrain.config import DataConfig
+from pretrain.data.transforms import BatchPreprocessor
 from pretrain.evaluate import evaluate_model
-from pretrain.transforms import BatchPreprocessor
 
 NUM_CLASSES, IMG = 7, 8
 

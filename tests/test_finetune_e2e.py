@@ -157,7 +157,7 @@ def test_finetuned_accuracy_beats_a_random_init_with_the_same_budget(finetuned, 
     random init 0.363-0.497 (mean 0.417, sd 0.047), gap 0.227-0.427 (mean 0.355, sd 0.057).
     Five more runs (seeds 0-4, native, 1 thread) after the converter's new shard layout:
     pretrained 0.773-0.843, random 0.350-0.563, gap 0.280-0.487. 15 more under the train order
-    of ``pretrain.order`` (seeds 0-4 x native/generic at 1 thread, native at 2 threads):
+    of ``pretrain.data.order`` (seeds 0-4 x native/generic at 1 thread, native at 2 threads):
     pretrained 0.710-0.827, random 0.347-0.480, gap 0.303-0.473. The bars sit 0.160 and
     0.127 below the lowest figures of all 40 runs.
     """

@@ -1,11 +1,11 @@
-"""``data.log_keys`` files across crashed and resumed launches (``pretrain.keylog``)."""
+"""``data.log_keys`` files across crashed and resumed launches (``pretrain.data.keylog``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from pretrain.keylog import KeyLog, last_line, rank_path, read_step_keys
+from pretrain.data.keylog import KeyLog, last_line, rank_path, read_step_keys
 
 
 def _launch(run_dir: Path, world: int, steps: range, tag: str) -> int:

@@ -1,4 +1,4 @@
-"""The train order (``pretrain.order``): a pure function, checked at ImageNet-21k scale without data.
+"""The train order (``pretrain.data.order``): a pure function, checked at ImageNet-21k scale without data.
 
 Full scale is 14.2 M samples in 1,400 shards of uneven length, global batch 4096,
 512 ranks x 8 DataLoader workers (micro-batch 1, so 8 micro-batches per rank and step).
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pretrain.order import Order, default_streams, feistel_permute, valid_world_sizes
+from pretrain.data.order import Order, default_streams, feistel_permute, valid_world_sizes
 
 REPO = Path(__file__).resolve().parents[1]
 N_I21K, SHARDS, BATCH, RANKS, WORKERS = 14_200_000, 1400, 4096, 512, 8
@@ -61,7 +61,7 @@ def test_a_late_step_at_full_scale_is_cheap_and_the_same_for_every_world_size() 
     start = time.process_time()  # CPU time: the machine is shared, wall time is not this code's
     parts = every_workers_share()
     seconds = time.process_time() - start
-    tracemalloc.start()  # one worker's share and the whole step (what ``python -m pretrain.order`` computes)
+    tracemalloc.start()  # one worker's share and the whole step (what ``python -m pretrain.data.order`` computes)
     order.samples(epoch, step, order.micro_slots(RANKS - 1, RANKS, micro, WORKERS - 1))
     order.samples(epoch, step)
     peak = tracemalloc.get_traced_memory()[1]
@@ -123,11 +123,11 @@ def test_class_diversity_of_a_class_sorted_source_matches_uniform_sampling(strea
 
 
 def test_order_cli_prints_each_steps_keys(st_make_shards) -> None:
-    """``python -m pretrain.order`` for steps across an epoch boundary: the order's samples, by key, sorted."""
+    """``python -m pretrain.data.order`` for steps across an epoch boundary: the order's samples, by key, sorted."""
     shards = st_make_shards([7, 1, 12, 10])
     config = ["--config", "configs/pretrain/demo.yaml", f"data.train_shards={shards}", "data.eval_shards=",
               "data.global_batch_size=8", "data.micro_batch_size=4", "run.seed=4"]
-    result = subprocess.run([sys.executable, "-m", "pretrain.order", *config, "--steps", "2:6"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "pretrain.data.order", *config, "--steps", "2:6"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
@@ -136,7 +136,7 @@ def test_order_cli_prints_each_steps_keys(st_make_shards) -> None:
     for row in rows:
         epoch, step = order.where(row["step"] - 1)
         assert row["keys"] == sorted(f"s{i:06d}" for i in order.samples(epoch, step))
-    bad = subprocess.run([sys.executable, "-m", "pretrain.order", *config, "--steps", "5:2"], cwd=REPO,
+    bad = subprocess.run([sys.executable, "-m", "pretrain.data.order", *config, "--steps", "5:2"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "expected A:B" in bad.stderr
 

@@ -1,6 +1,6 @@
 """Must show 1 end to end: the keys of each global step, logged by ``data.log_keys`` during real
 (tiny, CPU, gloo) pretraining runs, are the same on 1, 2 and 4 processes, across SIGKILL and resumes
-on other world sizes (2 -> 1 -> 4), and equal to what ``python -m pretrain.order`` prints.
+on other world sizes (2 -> 1 -> 4), and equal to what ``python -m pretrain.data.order`` prints.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.keylog import read_step_keys
+from pretrain.data.keylog import read_step_keys
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def _kill_after(run_dir: Path, shards: Path, step: int) -> None:
 
 
 def test_step_keys_are_one_function_of_the_step(demo_shards: Path, tmp_path: Path) -> None:
-    order = subprocess.run([sys.executable, "-m", "pretrain.order", *TINY, f"data.train_shards={demo_shards}",
+    order = subprocess.run([sys.executable, "-m", "pretrain.data.order", *TINY, f"data.train_shards={demo_shards}",
                             "--steps", f"1:{STEPS + 1}"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert order.returncode == 0, order.stderr
     expected = {row["step"]: row["keys"] for row in map(json.loads, order.stdout.splitlines())}

@@ -141,7 +141,7 @@ def _assert_trains(run_dir: Path, name: str) -> None:
     AVX2 and generic kernels x 1 and 2 threads): loss drop 0.266-0.628 (mean 0.444, sd 0.123),
     top-1 0.223-0.510 (mean 0.378, sd 0.091); ZeRO-2/3 run the same fp32 math up to summation
     order. Five more runs (seeds 0-4, native, 1 thread) after the converter's new shard layout:
-    drop 0.216-0.513, top-1 0.253-0.407. 15 more under the train order of ``pretrain.order``
+    drop 0.216-0.513, top-1 0.253-0.407. 15 more under the train order of ``pretrain.data.order``
     (seeds 0-4 x native/generic at 1 thread, native at 2 threads): drop 0.204-0.511, top-1
     0.270-0.437. The bars (drop > 0.05, top-1 > 0.10) sit 0.154 and 0.123 below the lowest
     figures of all 40 runs.
@@ -184,7 +184,7 @@ def test_bf16_runs(stage: int, demo_shards: Path, tmp_path: Path) -> None:
 
     The first loss is ln(10) = 2.3026 (zero-initialised head); over 24 measured runs
     (``benchmarks/learning_spread.py``) the two losses stayed within 2.264-2.326, and within
-    2.280-2.319 over 15 more under the train order of ``pretrain.order``, so the sanity bar
+    2.280-2.319 over 15 more under the train order of ``pretrain.data.order``, so the sanity bar
     (0, 3) is 0.67 away from them; a diverging bf16 step lands far outside it.
     """
     check_ok(run_pretrain(2, tmp_path / "run", demo_shards, f"deepspeed.zero_stage={stage}",

@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 from data_tools.manifest import read_split
 from pretrain.config import DataConfig
-from pretrain.order import Order, default_streams, plan_hash
+from pretrain.data.order import Order, default_streams, plan_hash
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def resolve_shards(spec: Union[str, list[str]], split: str, what: str = "data.tr
 
 @dataclass(frozen=True)
 class TrainData:
-    """The train shards and the order over them, as every rank and ``python -m pretrain.order`` see them."""
+    """The train shards and the order over them, as every rank and ``python -m pretrain.data.order`` see them."""
 
     urls: list[str]
     order: Order

@@ -1,13 +1,13 @@
 """Read train samples by byte offset: one positioned read per sample, through the per-shard index.
 
-Why: the order (``pretrain.order``) names samples by (shard, index), so a worker
+Why: the order (``pretrain.data.order``) names samples by (shard, index), so a worker
 fetches exactly the bytes of the samples it decodes, wherever they lie; nothing is
 read to skip ahead, so a resume at 90 % of an epoch reads what one at 10 % reads.
 
 Memory is bounded in bytes: one encoded sample at a time, at most ``MAX_OPEN_FILES``
 file descriptors, and shard indexes in an LRU holding at most ``index_budget`` bytes
 (``estimate_index_bytes`` per index; a rank's streams touch a few shards per epoch at
-scale, see ``pretrain.order``). A shard without an index (or with a stale one) gets one
+scale, see ``pretrain.data.order``). A shard without an index (or with a stale one) gets one
 built from its tar headers on first use, logged (``data_tools.index.load_index``).
 
 ``bytes_read`` counts every byte this reader read (samples and index files): the

@@ -1,13 +1,13 @@
 """The train stream: the order's samples for this rank, read by offset, decoded in DataLoader workers.
 
-* **Which samples.** ``pretrain.order`` maps (epoch, step, slot) to a sample; rank ``r``
+* **Which samples.** ``pretrain.data.order`` maps (epoch, step, slot) to a sample; rank ``r``
   takes its slots, cut into ``grad_accum`` micro-batches. Worker ``w`` of ``n`` builds
   micro-batches ``w, w + n, ...`` (the DataLoader's in-order round-robin), so a batch is
   the same tensor whichever worker builds it and however many there are.
 * **Augmentation** is seeded per (seed, epoch, step, slot), not per rank or worker:
   a sample gets the same crop on any world size or worker count. Seeds are set on the
   global torch RNG inside ``fork_rng``, so the caller's RNG is untouched.
-* **Reading.** ``pretrain.reader`` fetches each sample's bytes at its offset; resuming
+* **Reading.** ``pretrain.data.reader`` fetches each sample's bytes at its offset; resuming
   at step ``s`` computes step ``s``'s samples directly (no replay, O(1) in ``s``).
 * **Corrupt samples** (unreadable bytes, undecodable image, missing image or ``cls``)
   are counted, logged at counts 1, 2, 4, ..., and replaced: slot ``i`` tries the samples
@@ -18,7 +18,7 @@
   from it (see ``loader_memory``), and the bound is logged at start.
 * **Decode path** (``data.decode``): workers decode and crop (``cpu``, ``cpu_full``), or
   draw the crops and hand over the encoded bytes, which ``__next__`` decodes on the
-  training device (``gpu``, ``pretrain.decode``). Either way the stream yields uint8
+  training device (``gpu``, ``pretrain.data.decode``). Either way the stream yields uint8
   (B, 3, H, W) batches; with ``gpu`` they are already on the device.
 """
 
@@ -35,12 +35,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from data_tools.index import index_path
 from pretrain.config import DataConfig
-from pretrain.data import CorruptLog, collate, decode_sample, derive_seed, loader
-from pretrain.decode import EncodedBatch, build_encoded_crop, collate_encoded, finish_batch
-from pretrain.order import Order
-from pretrain.reader import CorruptSampleError, ShardReader
-from pretrain.shards import train_data
-from pretrain.transforms import build_train_transform
+from pretrain.data.decode import EncodedBatch, build_encoded_crop, collate_encoded, finish_batch
+from pretrain.data.order import Order
+from pretrain.data.reader import CorruptSampleError, ShardReader
+from pretrain.data.samples import CorruptLog, collate, decode_sample, derive_seed, loader
+from pretrain.data.shards import train_data
+from pretrain.data.transforms import build_train_transform
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class StreamPosition:
     seed: int = 0
     streams: int = 1
     plan: str = ""
-    """``pretrain.order.plan_hash`` of shard names and lengths, global batch and streams."""
+    """``pretrain.data.order.plan_hash`` of shard names and lengths, global batch and streams."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,7 +79,7 @@ class StreamPosition:
         ints = ("epoch", "step", "seed", "streams")
         if set(data) != set(names):
             raise ValueError(f"the checkpoint's data position {data!r} is not this version's {names}: it was "
-                             "written by a vitscale from before the train order of `pretrain.order` and cannot be "
+                             "written by a vitscale from before the train order of `pretrain.data.order` and cannot be "
                              "mapped onto it; resume with the version that wrote it, or start a new run.dir")
         if not all(isinstance(data[k], int) and data[k] >= 0 for k in ints) or not isinstance(data["plan"], str):
             raise ValueError(f"a stream position needs non-negative ints {list(ints)} and a plan string, got "

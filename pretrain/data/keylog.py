@@ -3,7 +3,7 @@
 ``<run.dir>/data_keys/rank-<RANK>.jsonl``: ``{"step": s, "epoch": e, "attempt": a, "keys": [...]}``
 with ``s`` the 1-based global step just completed, ``keys`` the ``__key__`` of every sample the
 rank used in it (all micro-batches; a corrupt sample's replacement appears under its own key) and
-``a`` the number of the process launch (1, 2, ... across resumes). ``python -m pretrain.order``
+``a`` the number of the process launch (1, 2, ... across resumes). ``python -m pretrain.data.order``
 gives the same sets without training, for the whole global batch.
 
 A resumed run appends, so the steps a crashed launch ran after its last checkpoint appear again,

@@ -1,4 +1,4 @@
-"""``python -m pretrain.order --config CFG [key=value ...] --steps A:B``: which samples did step s see?
+"""``python -m pretrain.data.order --config CFG [key=value ...] --steps A:B``: which samples did step s see?
 
 Prints one JSON line per global step ``s`` (1-based, as in ``data_keys/rank-*.jsonl``) in
 ``[A, B)``: ``{"step": s, "epoch": e, "keys": [sorted __key__ of the whole global batch]}``.
@@ -15,7 +15,7 @@ from typing import Optional
 
 from data_tools.index import load_index
 from pretrain.config import ConfigError, load_config
-from pretrain.shards import train_data
+from pretrain.data.shards import train_data
 from pretrain.signals import EXIT_CONFIG
 
 
@@ -31,7 +31,7 @@ def _steps(text: str) -> range:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.order", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pretrain.data.order", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the run's YAML recipe")
     parser.add_argument("--steps", required=True, type=_steps, help="A:B, global steps A .. B-1 (1-based)")

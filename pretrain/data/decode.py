@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from pretrain.config import DataConfig
-from pretrain.transforms import (LIBJPEG_RGB_MODES, CorruptImageError, CropParams, TrainCrop, build_train_crop,
+from pretrain.data.transforms import (LIBJPEG_RGB_MODES, CorruptImageError, CropParams, TrainCrop, build_train_crop,
                                  crop_resize, decode_jpeg_tensor, read_header)
 
 _SOS, _EOI = b"\xff\xda", b"\xff\xd9"

@@ -24,7 +24,7 @@ usual ImageFolder recipe):
 * the crop box is a view of the decoded image, and the antialiased resize runs on
   the uint8 tensor (torch's vectorised uint8 kernel, faster than PIL's resize on this
   kind of CPU; pixel values within about 1/255 of PIL's). ``crop_resize`` is the same
-  step for the GPU decode path (``pretrain.decode``), on the device.
+  step for the GPU decode path (``pretrain.data.decode``), on the device.
 """
 
 from __future__ import annotations

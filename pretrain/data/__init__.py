@@ -1,0 +1,27 @@
+"""The input path: shards on disk to uint8 batches on the training device.
+
+One module per job; the training loop imports only ``train_stream``, ``eval_stream``,
+``keylog`` and ``transforms.BatchPreprocessor``::
+
+    data.train_shards ──shards──▶ urls + shard lengths (_info.json)
+            │
+            ▼
+      order (pure arithmetic)          (epoch, step, slot) ─▶ sample id ─▶ (shard, index in shard)
+            │                                  rank r takes whole streams; worker w builds micro-batch w, w+n, ...
+            ▼
+      reader (per-shard .tar.idx)      one positioned read per sample, at its byte offset
+            │
+            ▼
+      train_stream ─ DataLoader workers: samples.decode_sample + transforms (cpu, cpu_full)
+            │                            or decode.build_encoded_crop (gpu: encoded bytes + crop boxes)
+            ▼
+      (uint8 images, labels) ──▶ decode.finish_batch (gpu: nvJPEG) ──▶ transforms.BatchPreprocessor
+            │                                                            (normalise on the device)
+            └──▶ keylog: the keys of every step, per rank (data_keys/rank-*.jsonl)
+
+    data.eval_shards ──shards──▶ eval_stream: sequential webdataset reads, every sample once
+
+``samples`` holds what both streams share (per-slot seeds, corrupt-sample log, collate,
+DataLoader settings). ``python -m pretrain.data.order`` answers "which samples did step s
+see" without training.
+"""

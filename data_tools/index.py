@@ -14,9 +14,16 @@ double the number of I/O requests for nothing.
 
 The index is built from tar headers only (``tarfile`` seeks over member data), so
 indexing a 1 GB shard of ~9,000 samples reads ~9,000 x 1.5 KB of headers, not the
-gigabyte. The shard's size is recorded: an index whose shard changed is stale and is
-rebuilt rather than trusted. Members are grouped into samples as webdataset does
-(key = path up to the first dot of the file name; consecutive members with one key).
+gigabyte. Members are grouped into samples as webdataset does (key = path up to the
+first dot of the file name; consecutive members with one key).
+
+An index can go stale when its shard is rewritten or replaced. ``stale_reason`` checks
+what is cheap to check and catches what happens: the shard's byte size (recorded in the
+header) and the tar headers at the first and last sample's offsets, which must name
+those samples' keys. Two reads of 2 KiB per shard; a shard swapped for another of the
+same size (tar padding makes sizes repeat) names other keys there. Not caught: the same
+keys, in the same places, with other bytes of the same length (a re-encode with equal
+sizes), which the manifest's sha256 (``python -m data_tools verify``) catches.
 
 Standard library only, like ``manifest``: the training stream imports it.
 """
@@ -24,7 +31,7 @@ Standard library only, like ``manifest``: the training stream imports it.
 from __future__ import annotations
 
 import argparse
-import logging
+import io
 import os
 import re
 import tarfile
@@ -34,8 +41,6 @@ from pathlib import Path
 from typing import Union
 
 from .manifest import read_info, write_text_atomic
-
-log = logging.getLogger(__name__)
 
 SUFFIX = ".idx"
 VERSION = 1
@@ -111,9 +116,11 @@ def write_index(shard: PathLike) -> ShardIndex:
     return index
 
 
-def read_index(shard: PathLike) -> ShardIndex | None:
-    """The index beside ``shard``, or None when there is none or it is stale (the shard's size changed)."""
-    path = index_path(shard)
+def read_index(shard: PathLike, path: PathLike | None = None) -> ShardIndex | None:
+    """The index of ``shard`` stored at ``path`` (default: beside it), or None when there is none.
+
+    Not checked against the shard: ``stale_reason`` does that."""
+    path = Path(path) if path is not None else index_path(shard)
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -124,8 +131,6 @@ def read_index(shard: PathLike) -> ShardIndex | None:
         raise ValueError(f"{path} is not a vitscale shard index (version {VERSION}): delete it and run "
                          f"`python -m data_tools index {Path(shard).parent}`")
     shard_bytes = int(head[3].removeprefix("bytes="))
-    if shard_bytes != os.path.getsize(shard):
-        return None
     keys, offsets, lengths = [], array("q"), array("q")
     for line in lines[1:]:
         offset, length, key = line.split("\t", 2)
@@ -135,14 +140,31 @@ def read_index(shard: PathLike) -> ShardIndex | None:
     return ShardIndex(keys, offsets, lengths, shard_bytes)
 
 
-def load_index(shard: PathLike) -> ShardIndex:
-    """The shard's index, built and written first (logged) when it is missing or stale."""
-    index = read_index(shard)
-    if index is None:
-        log.debug("building the sample index of %s (missing or stale; `python -m data_tools index` builds all "
-                 "of them ahead of training)", shard)
-        index = write_index(shard)
-    return index
+def _first_member_name(shard: PathLike, offset: int) -> str | None:
+    """The name of the tar member whose header starts at ``offset`` (long-name and pax headers followed)."""
+    with open(shard, "rb") as f:
+        f.seek(offset)
+        head = f.read(4 * _BLOCK)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(head), mode="r:") as archive:
+            member = archive.next()
+    except (tarfile.TarError, EOFError):
+        return None
+    return member.name if member is not None else None
+
+
+def stale_reason(shard: PathLike, index: ShardIndex) -> str | None:
+    """Why ``index`` does not describe ``shard`` (its size, or the keys at its first and last sample), or None."""
+    size = os.path.getsize(shard)
+    if index.shard_bytes != size:
+        return f"the shard is {size:,} bytes, its index was built for {index.shard_bytes:,}"
+    for i in sorted({0, len(index) - 1} if len(index) else set()):
+        name = _first_member_name(shard, index.offsets[i])
+        parts = split_name(name) if name is not None else None
+        if parts is None or parts[0] != index.keys[i]:
+            found = f"names {name!r}" if name is not None else "is no tar header"
+            return f"the tar header at byte {index.offsets[i]:,} {found}, its index says sample {i} is {index.keys[i]!r}"
+    return None
 
 
 def index_directory(out: PathLike, force: bool = False) -> dict[str, int]:
@@ -153,7 +175,7 @@ def index_directory(out: PathLike, force: bool = False) -> dict[str, int]:
         for name, length in zip(entry["filenames"], entry["shard_lengths"]):
             shard = out / name
             index = None if force else read_index(shard)
-            if index is None:
+            if index is None or stale_reason(shard, index) is not None:
                 index = write_index(shard)
                 counts["built"] += 1
             else:

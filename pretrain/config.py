@@ -124,7 +124,12 @@ class DataConfig:
     loader_memory_mb: int = 4096
     """Bound on the train loader's memory per rank, in MiB: decoded micro-batches in flight
     (workers x prefetch depth, the depth derived from this bound) plus one encoded sample
-    and the open shards' indexes per worker. Logged at start."""
+    and decode buffers per worker. Logged at start. The sample table (12 bytes a train sample)
+    is one memory-mapped file per node, outside this bound."""
+    cache_dir: str = ""
+    """Node-local folder for what training derives from the shards: the train split's sample
+    table, and indexes of shards that have none beside them (a dataset folder is never written).
+    Empty: ``<tempdir>/vitscale-cache-<uid>``. One table per dataset is kept."""
     log_keys: bool = False
     """Append the ``__key__`` of every train sample to ``<run.dir>/data_keys/rank-<RANK>.jsonl``,
     one line per optimizer step."""

@@ -130,7 +130,7 @@ def test_loader_memory_is_bounded_in_bytes(st_make_shards, caplog):
         loader_memory(DataConfig(micro_batch_size=128, num_workers=10, loader_memory_mb=600), 224)
     caplog.set_level("INFO")
     build_train_stream(_cfg(st_make_shards([5, 5])), img_size=IMG, seed=0, rank=0, world_size=1)
-    assert "loader memory per rank <=" in caplog.text and "have no sample index" in caplog.text
+    assert "loader memory per rank <=" in caplog.text and "has no sample index beside it" in caplog.text
 
 @pytest.mark.parametrize("sizes", [[5, 1, 4], [3, 2, 4, 1, 5, 2]], ids=["fewer-shards-than-readers", "more"])
 def test_eval_sees_every_sample_exactly_once(st_make_shards, sizes):

@@ -17,6 +17,7 @@ from PIL import Image
 
 from pretrain.config import ConfigError, DataConfig, load_config
 from pretrain.data.decode import EncodedBatch, build_encoded_crop, collate_encoded, finish_batch
+from pretrain.data.sample_table import sample_table
 from pretrain.data.train_stream import _Builder, _Plan, build_train_stream
 from pretrain.data.transforms import CorruptImageError, TrainCrop, decode_rgb, read_header
 
@@ -59,9 +60,10 @@ def test_cpu_and_gpu_paths_give_the_same_samples_crops_and_pixels(st_make_shards
 def test_gpu_path_hands_over_jpeg_bytes_and_the_cpu_paths_crops(st_make_shards):
     """The workers' batch: encoded bytes for RGB/grey JPEGs only, and per slot the crop the CPU path draws."""
     shards = st_make_shards([16])
-    plan = _Plan([str(p) for p in sorted(shards.glob("*.tar"))], [16], _cfg(shards, decode="gpu",
-                 global_batch_size=16, micro_batch_size=16), IMG, 4, 16, 0, 1, 2**20)
-    batch, labels, _, keys, _ = _Builder(plan).batch(0)
+    urls = [str(p) for p in sorted(shards.glob("*.tar"))]
+    plan = _Plan(urls, [16], _cfg(shards, decode="gpu", global_batch_size=16, micro_batch_size=16), IMG, 4, 16, 0, 1,
+                 sample_table(urls, [16]))
+    batch, labels, _, keys, *_ = _Builder(plan).batch(0)
     assert isinstance(batch, EncodedBatch) and len(keys) == 16
     modes = ["RGB", "L", "RGBA", "CMYK"]  # st_make_shards: sample i has mode i % 4, PNG for RGBA and i % 5 == 0
     expect_cpu = [modes[i % 4] in ("RGBA", "CMYK") or i % 5 == 0 for i in labels.tolist()]

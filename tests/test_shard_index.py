@@ -10,7 +10,7 @@ import pytest
 import webdataset as wds
 
 from data_tools.__main__ import main as data_tools_main
-from data_tools.index import build_index, index_path, load_index, read_index
+from data_tools.index import build_index, index_path, read_index, stale_reason
 
 
 def _members(shard: Path, offset: int, length: int) -> dict[str, bytes]:
@@ -41,9 +41,12 @@ def test_index_command_writes_and_keeps_current_indexes(st_make_shards, tmp_path
     assert "0 shard indexes written, 3 already current" in capsys.readouterr().out
     first = shards / "train-000000.tar"
     assert read_index(first).keys == [f"s{i:06d}" for i in range(4)]
-    with open(first, "ab") as f:  # the shard changed: its index is stale, rebuilt on load
+    with open(first, "ab") as f:  # the shard changed: its index is stale, and the command rebuilds it
         f.write(b"\0" * 1024)
-    assert read_index(first) is None and len(load_index(first)) == 4 and read_index(first) is not None
+    assert "its index was built for" in stale_reason(first, read_index(first))
+    assert data_tools_main(["index", str(shards)]) == 0
+    assert "1 shard indexes written, 2 already current" in capsys.readouterr().out
+    assert stale_reason(first, read_index(first)) is None
     index_path(first).write_text("garbage\n")
     with pytest.raises(ValueError, match="is not a vitscale shard index"):
         read_index(first)

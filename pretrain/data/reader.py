@@ -1,101 +1,120 @@
-"""Read train samples by byte offset: one positioned read per sample, through the per-shard index.
+"""Read train samples by byte offset: one positioned read per sample, through the sample table.
 
 Why: the order (``pretrain.data.order``) names samples by (shard, index), so a worker
 fetches exactly the bytes of the samples it decodes, wherever they lie; nothing is
 read to skip ahead, so a resume at 90 % of an epoch reads what one at 10 % reads.
 
-Memory is bounded in bytes: one encoded sample at a time, at most ``MAX_OPEN_FILES``
-file descriptors, and shard indexes in an LRU holding at most ``index_budget`` bytes
-(``estimate_index_bytes`` per index; a rank's streams touch a few shards per epoch at
-scale, see ``pretrain.data.order``). A shard without an index (or with a stale one) gets one
-built from its tar headers on first use, logged (``data_tools.index.load_index``).
+Cost per worker and epoch, at every world size:
 
-``bytes_read`` counts every byte this reader read (samples and index files): the
-measure of resume cost.
+* **Index**: none read. Offsets and lengths come from the node's memory-mapped sample
+  table (``pretrain.data.sample_table``, 12 bytes a sample, shared): two array reads a
+  sample, no parsing.
+* **Opens**: each shard at most once per epoch while the shards a worker touches fit in
+  its descriptor budget. A worker touches the shards of its rank's streams' regions:
+  ``S / W + C / W`` of them at most (``S`` shards, ``C`` streams, ``W`` ranks), e.g. 1,400 +
+  4,096 at ``W = 1`` for ImageNet-21k in 1,400 shards, 18 at ``W = 512``. The budget is the
+  process's ``RLIMIT_NOFILE``, raised to its hard limit (``open_file_budget``), less a
+  reserve; beyond it the least recently used descriptor closes, and the run logs how many
+  it needs (``benchmarks/reader_scale.py`` counts opens at 1 to 512 ranks).
+* **Memory**: one encoded sample at a time and the descriptors; nothing grows with the dataset.
+
+``bytes_read`` counts the sample bytes read (the measure of resume cost); ``opened`` lists
+the shards opened since the caller last emptied it.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
+import resource
 import tarfile
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Optional, Sequence
 
-from data_tools.index import ShardIndex, index_path, load_index, split_name
+import numpy as np
 
-MAX_OPEN_FILES = 16
-"""File descriptors kept open per reader (LRU); a rank's streams span a few shards at a time."""
+from data_tools.index import split_name
+from pretrain.data.sample_table import SampleTable
 
-INDEX_BYTES_PER_SAMPLE = 128
-"""Estimate of one index entry in memory: two 8-byte ints and a short Python string."""
+log = logging.getLogger(__name__)
+
+RESERVED_FILES = 256
+"""Descriptors left to everything but shards (DataLoader pipes, logs, libraries)."""
 
 
 class CorruptSampleError(ValueError):
-    """A sample's bytes do not parse as the tar members its index promises."""
+    """A sample's bytes do not parse as the tar members of one sample."""
 
 
-def estimate_index_bytes(index: ShardIndex) -> int:
-    return len(index) * INDEX_BYTES_PER_SAMPLE
+def open_file_budget() -> int:
+    """Shard descriptors this process may keep open: ``RLIMIT_NOFILE`` raised to its hard limit, less a reserve."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    limit = soft if soft != resource.RLIM_INFINITY else 1 << 20
+    return max(16, limit - RESERVED_FILES)
 
 
 class ShardReader:
     """Samples of ``urls`` (local shard files) by (shard, index in shard)."""
 
-    def __init__(self, urls: list[str], index_budget: int):
-        self.urls = urls
-        self.index_budget = index_budget
+    def __init__(self, urls: Sequence[str], table: SampleTable, max_open: Optional[int] = None):
+        self.urls, self.table = urls, table
+        self.max_open = max_open if max_open is not None else open_file_budget()
         self.bytes_read = 0
+        self.opened: list[int] = []
+        self._entries: Optional[np.ndarray] = None
         self._files: OrderedDict[int, int] = OrderedDict()
-        self._indexes: OrderedDict[int, ShardIndex] = OrderedDict()
-        self._index_bytes = 0
 
-    def index(self, shard: int) -> ShardIndex:
-        """The index of shard ``shard`` (read, or built, on first use; least recently used ones evicted)."""
-        if shard in self._indexes:
-            self._indexes.move_to_end(shard)
-            return self._indexes[shard]
-        index = load_index(self.urls[shard])
-        self.bytes_read += index_path(self.urls[shard]).stat().st_size
-        self._indexes[shard] = index
-        self._index_bytes += estimate_index_bytes(index)
-        while self._index_bytes > self.index_budget and len(self._indexes) > 1:
-            _, dropped = self._indexes.popitem(last=False)
-            self._index_bytes -= estimate_index_bytes(dropped)
-        return index
+    def locate(self, shard: int, index: int) -> tuple[int, int]:
+        """(byte offset, length) of sample ``index`` of ``shard``."""
+        if not 0 <= index < self.table.counts[shard]:
+            raise IndexError(f"sample {index} is past the end of {self.urls[shard]}, which holds "
+                             f"{self.table.counts[shard]} samples: the manifest and the sample table disagree; "
+                             "run `python -m data_tools verify` on the shard directory")
+        if self._entries is None:
+            self._entries = self.table.entries()
+        entry = self._entries[self.table.starts[shard] + index]
+        return int(entry["offset"]), int(entry["length"])
 
-    def key(self, shard: int, index: int) -> str:
-        return self.index(shard).keys[index]
+    def _open(self, path: str) -> int:
+        return os.open(path, os.O_RDONLY)
 
-    def _fd(self, shard: int) -> int:
+    def handle(self, shard: int) -> int:
+        """An open descriptor of ``shard`` (opened on first use; least recently used closed past the budget)."""
         if shard in self._files:
             self._files.move_to_end(shard)
-        else:
-            self._files[shard] = os.open(self.urls[shard], os.O_RDONLY)
-            if len(self._files) > MAX_OPEN_FILES:
-                os.close(self._files.popitem(last=False)[1])
+            return self._files[shard]
+        self._files[shard] = self._open(self.urls[shard])
+        self.opened.append(shard)
+        if len(self._files) > self.max_open:
+            os.close(self._files.popitem(last=False)[1])
         return self._files[shard]
 
     def read(self, shard: int, index: int) -> dict[str, Any]:
         """Sample ``index`` of shard ``shard`` as webdataset gives it: ``__key__``, ``__url__``, one entry a member."""
-        entry = self.index(shard)
-        key, offset, length = entry.keys[index], entry.offsets[index], entry.lengths[index]
-        data = os.pread(self._fd(shard), length, offset)
+        offset, length = self.locate(shard, index)
+        data = os.pread(self.handle(shard), length, offset)
         self.bytes_read += len(data)
-        sample: dict[str, Any] = {"__key__": key, "__url__": self.urls[shard]}
+        url = self.urls[shard]
+        sample: dict[str, Any] = {"__url__": url}
         try:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
                 for member in archive:
                     parts = split_name(member.name)
-                    if member.isfile() and parts is not None and parts[0] == key:
-                        sample[parts[1].lower()] = archive.extractfile(member).read()
+                    if not member.isfile() or parts is None:
+                        continue
+                    if sample.setdefault("__key__", parts[0]) != parts[0]:
+                        raise CorruptSampleError(f"bytes {offset}..{offset + length} of {url} hold members of "
+                                                 f"{sample['__key__']} and {parts[0]}: the sample table is stale")
+                    sample[parts[1].lower()] = archive.extractfile(member).read()
         except tarfile.TarError as err:
-            raise CorruptSampleError(f"bytes {offset}..{offset + length} of {self.urls[shard]} are not the tar "
-                                     f"members of {key} ({err}); rebuild the index: python -m data_tools "
-                                     "index --force") from err
-        if len(sample) == 2:
-            raise CorruptSampleError(f"no member of {key} at bytes {offset}..{offset + length} of "
-                                     f"{self.urls[shard]}; rebuild the index: python -m data_tools index --force")
+            raise CorruptSampleError(f"bytes {offset}..{offset + length} of {url} are not the tar members of "
+                                     f"sample {index} ({err})") from err
+        if "__key__" not in sample:
+            raise CorruptSampleError(f"no member of sample {index} at bytes {offset}..{offset + length} of {url}")
         return sample
 
     def close(self) -> None:

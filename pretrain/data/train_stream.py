@@ -7,8 +7,10 @@
 * **Augmentation** is seeded per (seed, epoch, step, slot), not per rank or worker:
   a sample gets the same crop on any world size or worker count. Seeds are set on the
   global torch RNG inside ``fork_rng``, so the caller's RNG is untouched.
-* **Reading.** ``pretrain.data.reader`` fetches each sample's bytes at its offset; resuming
-  at step ``s`` computes step ``s``'s samples directly (no replay, O(1) in ``s``).
+* **Reading.** ``pretrain.data.reader`` fetches each sample's bytes at its offset, from the
+  node's sample table (``pretrain.data.sample_table``, built and checked before the workers
+  start); resuming at step ``s`` computes step ``s``'s samples directly (no replay, O(1) in
+  ``s``). Each worker opens each shard at most once per epoch (``shard_opens`` counts them).
 * **Corrupt samples** (unreadable bytes, undecodable image, missing image or ``cls``)
   are counted, logged at counts 1, 2, 4, ..., and replaced: slot ``i`` tries the samples
   ``derive_seed(seed, epoch, step, i, "replace", a) mod N`` for a = 0, 1, ... until one
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Optional
 
@@ -33,11 +36,11 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_tools.index import index_path
 from pretrain.config import DataConfig
 from pretrain.data.decode import EncodedBatch, build_encoded_crop, collate_encoded, finish_batch
 from pretrain.data.order import Order
 from pretrain.data.reader import CorruptSampleError, ShardReader
+from pretrain.data.sample_table import SampleTable, sample_table
 from pretrain.data.samples import CorruptLog, collate, decode_sample, derive_seed, loader
 from pretrain.data.shards import train_data
 from pretrain.data.transforms import build_train_transform
@@ -51,12 +54,12 @@ MAX_PREFETCH = 4
 """Most micro-batches each worker prepares ahead; more hides nothing once decoding keeps up."""
 
 WORKER_RESERVE_MB = 64
-"""Per worker, besides its decoded batches: one encoded sample, decode buffers and the shard-index
-LRU (half of it); an i21k sample is ~110 KB, a 9,000-sample shard's index ~1.2 MB in memory."""
+"""Per worker, besides its decoded batches: one encoded sample (an i21k sample is ~110 KB) and
+decode buffers."""
 
-TrainBatch = tuple[torch.Tensor | EncodedBatch, torch.Tensor, int, list[str], int]
+TrainBatch = tuple[torch.Tensor | EncodedBatch, torch.Tensor, int, list[str], int, int, list[int]]
 """Images uint8 (B, 3, H, W) (encoded with ``data.decode=gpu``), labels int64 (B,), corrupt samples
-replaced, keys used, bytes read."""
+replaced, keys used, bytes read, the worker that built it, the shards it opened for it."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ class _Plan:
     streams: int
     rank: int
     world_size: int
-    index_budget: int
+    table: SampleTable
 
     @property
     def grad_accum(self) -> int:
@@ -112,9 +115,9 @@ class _Plan:
 class _Builder:
     """Builds micro-batches in one process: order arithmetic, reads by offset, seeded decode."""
 
-    def __init__(self, plan: _Plan):
-        self.plan, self.order = plan, plan.order()
-        self.reader = ShardReader(plan.urls, plan.index_budget)
+    def __init__(self, plan: _Plan, worker: int = 0):
+        self.plan, self.order, self.worker = plan, plan.order(), worker
+        self.reader = ShardReader(plan.urls, plan.table)
         self.transform, self.collate = _worker_steps(plan.cfg, plan.img_size)
         self.corrupt = CorruptLog()
         self.epoch = -1
@@ -133,15 +136,17 @@ class _Builder:
         with torch.random.fork_rng(devices=[]):
             for slot, shard, index in zip(slots.tolist(), shards.tolist(), indices.tolist()):
                 seed = derive_seed(self.plan.seed, epoch, step, slot)
-                decoded = self._decode(shard, index, seed)
+                decoded, key = self._decode(shard, index, seed)
                 attempt = 0
                 while decoded is None:
                     shard, index = self._replacement(epoch, step, slot, attempt)
-                    decoded, attempt = self._decode(shard, index, seed), attempt + 1
+                    (decoded, key), attempt = self._decode(shard, index, seed), attempt + 1
                 out.append(decoded)
-                keys.append(self.reader.key(shard, index))
+                keys.append(key)
         images, labels = self.collate(out)
-        return images, labels, self.corrupt.count - before, keys, self.reader.bytes_read - read_before
+        opened, self.reader.opened = self.reader.opened, []
+        return (images, labels, self.corrupt.count - before, keys, self.reader.bytes_read - read_before,
+                self.worker, opened)
 
     def _replacement(self, epoch: int, step: int, slot: int, attempt: int) -> tuple[int, int]:
         if attempt >= MAX_CORRUPT_DRAWS:
@@ -151,15 +156,16 @@ class _Builder:
         shard, index = self.order.locate(np.array([sample]))
         return int(shard[0]), int(index[0])
 
-    def _decode(self, shard: int, index: int, seed: int) -> Optional[tuple[torch.Tensor, int]]:
+    def _decode(self, shard: int, index: int, seed: int) -> tuple[Optional[tuple[torch.Tensor, int]], str]:
+        """(decoded sample or None when corrupt, its key: from its tar header, or shard#index when unreadable)."""
         try:
             raw = self.reader.read(shard, index)
         except (CorruptSampleError, OSError) as exn:
-            self.corrupt(f"unreadable: {exn}", {"__key__": self.reader.key(shard, index),
-                                                "__url__": self.plan.urls[shard]})
-            return None
+            key = f"{self.plan.urls[shard]}#{index}"
+            self.corrupt(f"unreadable: {exn}", {"__key__": key, "__url__": self.plan.urls[shard]})
+            return None, key
         torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed costs 100x more
-        return decode_sample(raw, self.transform, self.corrupt)
+        return decode_sample(raw, self.transform, self.corrupt), raw["__key__"]
 
 
 def _worker_steps(cfg: DataConfig, img_size: int) -> tuple[Callable, Callable]:
@@ -179,7 +185,7 @@ class _TrainDataset(IterableDataset):
     def __iter__(self) -> Iterator[TrainBatch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        builder = _Builder(self.plan)
+        builder = _Builder(self.plan, worker)
         index = self.start + worker
         try:
             while True:
@@ -211,7 +217,8 @@ class TrainStream:
 
     ``position()`` counts exactly the micro-batches handed out (not those prefetched).
     ``last_keys`` are the keys of the last batch; ``corrupt_samples`` and ``bytes_read``
-    add up what the handed-out batches met and read.
+    add up what the handed-out batches met and read; ``shard_opens`` counts the opens of
+    each shard by each worker, ``(worker, shard) -> opens`` (at most workers x shards entries).
     """
 
     def __init__(self, plan: _Plan, order: Order, plan_id: str, start: int, prefetch: int,
@@ -220,6 +227,7 @@ class TrainStream:
         self.img_size, self.device = plan.img_size, device
         self.corrupt_samples = 0
         self.bytes_read = 0
+        self.shard_opens: Counter[tuple[int, int]] = Counter()
         self.last_keys: list[str] = []
         self._next = start
         self._loader = loader(_TrainDataset(plan, start), plan.cfg.num_workers, persistent=False, prefetch=prefetch)
@@ -243,10 +251,11 @@ class TrainStream:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None:
             self._iter = iter(self._loader)
-        images, labels, corrupt, keys, read = next(self._iter)
+        images, labels, corrupt, keys, read, worker, opened = next(self._iter)
         self._next += 1
         self.corrupt_samples += corrupt
         self.bytes_read += read
+        self.shard_opens.update((worker, shard) for shard in opened)
         self.last_keys = keys
         if isinstance(images, EncodedBatch) and self.device is not None:
             try:
@@ -294,18 +303,13 @@ def build_train_stream(cfg: DataConfig, *, img_size: int, seed: int, rank: int, 
                          f"data.micro_batch_size={cfg.micro_batch_size} x world size {world_size}")
     _worker_steps(cfg, img_size)  # reject bad augmentation settings here, not in a worker
     prefetch, bound_mb = loader_memory(cfg, img_size)
-    plan = _Plan(data.urls, order.lengths.tolist(), cfg, img_size, seed, order.streams, rank, world_size,
-                 WORKER_RESERVE_MB * 2**20 // 2)
-    missing = sum(not index_path(url).is_file() for url in data.urls)
+    table = sample_table(data.urls, order.lengths.tolist(), cfg.cache_dir)
+    plan = _Plan(data.urls, order.lengths.tolist(), cfg, img_size, seed, order.streams, rank, world_size, table)
     if rank == 0:
         log.info("train order: %d samples, %d steps per epoch, %d canonical streams (exact resume on world sizes "
                  "dividing %d); loader memory per rank <= %.0f MiB (%d workers x prefetch %d micro-batches of %d "
                  "images at %d px + %d MiB each; data.loader_memory_mb=%d)", order.num_samples,
                  order.steps_per_epoch, order.streams, order.streams, bound_mb, cfg.num_workers, prefetch,
                  cfg.micro_batch_size, img_size, WORKER_RESERVE_MB, cfg.loader_memory_mb)
-        if missing:
-            log.warning("%d of %d train shards have no sample index: workers build each on first use (run "
-                        "`python -m data_tools index %s` once to build them ahead)", missing, len(data.urls),
-                        cfg.train_shards)
     start = _start_step(order, data.plan, seed, position) * plan.grad_accum
     return TrainStream(plan, order, data.plan, start, prefetch, None if device is None else torch.device(device))

@@ -3,7 +3,8 @@
 Prints one JSON line per global step ``s`` (1-based, as in ``data_keys/rank-*.jsonl``) in
 ``[A, B)``: ``{"step": s, "epoch": e, "keys": [sorted __key__ of the whole global batch]}``.
 No training and no image bytes: the order is arithmetic on the manifest, and keys come
-from the per-shard indexes (built from tar headers first where one is missing).
+from the per-shard indexes (checked against their shards; built from tar headers into
+``data.cache_dir`` where one is missing).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import json
 import sys
 from typing import Optional
 
-from data_tools.index import load_index
 from pretrain.config import ConfigError, load_config
+from pretrain.data.sample_table import StaleIndexError, cache_root, check_index
 from pretrain.data.shards import train_data
 from pretrain.signals import EXIT_CONFIG
 
@@ -43,14 +44,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, ValueError, OSError, KeyError) as exn:
         print(f"config error: {exn}", file=sys.stderr)
         return EXIT_CONFIG
-    order, keys = data.order, {}
-    for step in args.steps:
-        epoch, in_epoch = order.where(step - 1)
-        shards, indices = order.locate(order.samples(epoch, in_epoch))
-        for shard in set(shards.tolist()) - set(keys):
-            keys[shard] = load_index(data.urls[shard]).keys
-        batch = sorted(keys[s][i] for s, i in zip(shards.tolist(), indices.tolist()))
-        print(json.dumps({"step": step, "epoch": epoch, "keys": batch}), flush=True)
+    order, keys, cache = data.order, {}, cache_root(cfg.data.cache_dir)
+    try:
+        for step in args.steps:
+            epoch, in_epoch = order.where(step - 1)
+            shards, indices = order.locate(order.samples(epoch, in_epoch))
+            for shard in set(shards.tolist()) - set(keys):
+                keys[shard] = check_index(data.urls[shard], int(order.lengths[shard]), cache).keys
+            batch = sorted(keys[s][i] for s, i in zip(shards.tolist(), indices.tolist()))
+            print(json.dumps({"step": step, "epoch": epoch, "keys": batch}), flush=True)
+    except StaleIndexError as exn:
+        print(f"data error: {exn}", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 

@@ -46,6 +46,7 @@ from pretrain.loss import LossFn, build_loss, target_kind
 from pretrain.metrics import (MetricsWriter, Stopwatch, Throughput, console_line, device_peak_tflops,
                               finish_device_work, memory_gb)
 from pretrain.optim import build_optimizer, build_scheduler, check_training
+from pretrain.preflight import preflight
 from pretrain.signals import EXIT_PREEMPTED, PreemptionFlag
 from pretrain.train import EXIT_NONFINITE, stop_requested, stopped_during_start_up
 
@@ -97,6 +98,7 @@ def check_config(cfg: FinetuneConfig, world_size: int) -> None:
     if cfg.data.micro_batch_size == "auto":
         raise ConfigError("data.micro_batch_size: 'auto' is resolved by pretraining only; set an integer for "
                           "finetuning (e.g. 32)")
+    preflight(cfg, world_size)
 
 
 def join_job() -> DistEnv:

@@ -8,7 +8,8 @@
 # `python -m torch.distributed.run --standalone --nproc_per_node N -m $STAGE --config CONFIG ...`
 # (torchrun from the interpreter's own torch), which gives every process its rank and a free
 # rendezvous port; on CPU torchrun sets OMP_NUM_THREADS=1 per process unless it is set.
-# The config is checked first (launch/describe.py --check): a bad one exits 2 before any process starts.
+# The config and the data manifests it names are checked first (launch/describe.py --check, pretrain/preflight.py):
+# a bad one exits 2 with one line before any process starts.
 # PYTHON selects the interpreter (default: python3 on PATH, e.g. an activated venv).
 # A real SLURM cluster uses launch/pretrain.sh / launch/finetune.sh instead.
 set -euo pipefail

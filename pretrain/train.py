@@ -42,6 +42,7 @@ from pretrain.loss import build_loss, target_kind
 from pretrain.metrics import MetricsWriter, Throughput, console_line, device_peak_tflops, finish_device_work, memory_gb
 from pretrain.model import build_vit
 from pretrain.optim import check_training
+from pretrain.preflight import preflight
 from pretrain.signals import EXIT_PREEMPTED, PreemptionFlag
 from pretrain.step_window import StepRecord, StepWindow, first_step_report
 
@@ -57,6 +58,7 @@ def check_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """Every check that can run without a process group; returns the DeepSpeed config dict."""
     cfg.validate(world_size)
     check_training(cfg)
+    preflight(cfg, world_size)
     return deepspeed_config(micro_batch.placeholder(cfg, world_size), world_size)
 
 

@@ -1,12 +1,28 @@
-"""Fixtures shared by the whole suite."""
+"""Fixtures shared by the whole suite, and the session's own inductor cache."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give torch.compile's inductor a cache folder of this session's own (subprocesses inherit it).
+
+    Why: inductor keeps compiled C++ kernels in one folder per user by default and reuses them
+    across runs; a run under ``ATEN_CPU_CAPABILITY=default`` right after a native one on the same
+    machine picked up the native run's artefacts and failed to compile (``'at::vec' has not been
+    declared``). A fresh folder costs the compile tests their compile, which they measure anyway.
+    """
+    cache = tempfile.mkdtemp(prefix="vitscale-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
 
 
 @pytest.fixture(scope="session")

@@ -126,10 +126,10 @@ def test_read_pretrained_sources_and_bad_paths(tmp_path):
         read_pretrained(tmp_path / "empty")
 
 
-def test_main_exits_2_on_mismatched_weights_before_any_process_group(repo_root, tmp_path, capsys):
+def test_main_exits_2_on_mismatched_weights_before_any_process_group(repo_root, demo_shards, tmp_path, capsys):
     init = export(pretrained_model(), tmp_path / "export")  # 48 wide; the demo recipe is 96 wide
     args = ["--config", str(repo_root / "configs/finetune/demo.yaml"), f"init={init}",
-            f"data.train_shards={tmp_path}", "data.eval_shards=", f"run.dir={tmp_path / 'run'}"]
+            f"data.train_shards={demo_shards}", "data.eval_shards=", f"run.dir={tmp_path / 'run'}"]
     assert finetune_main(args) == 2
     assert "cls_token: checkpoint (1, 1, 48) vs model (1, 1, 96)" in capsys.readouterr().err
     assert not torch.distributed.is_initialized() and not (tmp_path / "run").exists()

@@ -60,11 +60,9 @@ def _sections(stdout: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    """An existing directory for the data paths (DRY_RUN checks that paths exist, nothing reads them)."""
-    path = tmp_path / "shards"
-    path.mkdir()
-    return path
+def data_dir(demo_shards: Path) -> Path:
+    """Converted shards for the data paths: DRY_RUN and local.sh read their manifests (``pretrain.preflight``)."""
+    return demo_shards
 
 
 def test_pretrain_dry_run_prints_resolved_config_deepspeed_config_and_srun(tmp_path: Path, data_dir: Path) -> None:

@@ -141,10 +141,10 @@ def test_order_cli_prints_each_steps_keys(st_make_shards) -> None:
     assert bad.returncode == 2 and "expected A:B" in bad.stderr
 
 
-def test_a_world_size_that_cannot_reproduce_the_order_exits_2_before_launch(tmp_path: Path) -> None:
+def test_a_world_size_that_cannot_reproduce_the_order_exits_2_before_launch(demo_shards: Path) -> None:
     """``launch/describe.py --check`` (run by the launch scripts before srun) names the valid world sizes."""
     base = [sys.executable, "launch/describe.py", "pretrain", "--check", "--config", "configs/pretrain/demo.yaml",
-            f"data.train_shards={tmp_path}", "data.eval_shards=", "data.streams=16", "data.micro_batch_size=2"]
+            f"data.train_shards={demo_shards}", "data.eval_shards=", "data.streams=16", "data.micro_batch_size=2"]
     bad = subprocess.run(base + ["--world-size", "32"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert "world size 32 cannot reproduce the train order of 16 canonical streams" in bad.stderr

@@ -342,15 +342,15 @@ def test_config_errors_exit_2_before_any_process_group(override: str, message: s
 
 
 @pytest.mark.parametrize("every,ok", [(0, True), (-1, False)])
-def test_checkpoint_every_steps_bound_is_the_same_in_both_stages(every: int, ok: bool, tmp_path: Path) -> None:
+def test_checkpoint_every_steps_bound_is_the_same_in_both_stages(every: int, ok: bool, demo_shards: Path) -> None:
     """0 means "only at the end" in both loops; a negative value is rejected by both ``check_config``s."""
     from finetune.config import FinetuneConfig
     from finetune.train import check_config as check_finetune
     from pretrain.train import check_config as check_pretrain
 
-    common = [f"data.train_shards={tmp_path}", "data.eval_shards=", f"checkpoint.every_steps={every}"]
+    common = [f"data.train_shards={demo_shards}", "data.eval_shards=", f"checkpoint.every_steps={every}"]
     pretrain_cfg = load_config(REPO / "configs/pretrain/demo.yaml", common)
-    finetune_cfg = load_config(REPO / "configs/finetune/demo.yaml", [f"init={tmp_path}", *common],
+    finetune_cfg = load_config(REPO / "configs/finetune/demo.yaml", [f"init={demo_shards}", *common],
                                cls=FinetuneConfig)
     for check, cfg in ((check_pretrain, pretrain_cfg), (check_finetune, finetune_cfg)):
         if ok:

@@ -274,7 +274,8 @@ def losses_of(run_dir: Path) -> list[float]:
 def test_compiled_model_trains_like_eager(process_group, demo_shards: Path, tmp_path: Path,
                                           caplog: pytest.LogCaptureFixture) -> None:
     """``model.compile=true`` (inductor on CPU; about 70 s on 2 busy cores for this 1-block model) gives the eager
-    losses within float tolerance, and the first step's cost is logged against the later ones."""
+    losses within float tolerance, and the first step's cost is logged against the later ones. The compiled
+    kernels land in the session's own inductor cache (``tests/conftest.py``), never in one shared across runs."""
     env, device = process_group
     common = ("schedule.total_steps=3", "checkpoint.every_steps=0", "data.micro_batch_size=8")
     caplog.set_level("INFO", logger="pretrain")
@@ -284,6 +285,8 @@ def test_compiled_model_trains_like_eager(process_group, demo_shards: Path, tmp_
     assert len(eager) == len(compiled) == 3
     assert all(abs(a - b) < 1e-4 for a, b in zip(eager, compiled)), (eager, compiled)
     assert "per later step: about" in caplog.text
+    cache = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    assert cache.name.startswith("vitscale-inductor-") and any(cache.rglob("*.so")), sorted(cache.rglob("*"))[:20]
 
 
 @pytest.mark.parametrize("stage,precision", [(1, "fp32"), (2, "fp32"), (2, "bf16")])

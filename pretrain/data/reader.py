@@ -71,7 +71,7 @@ class ShardReader:
     def locate(self, shard: int, index: int) -> tuple[int, int]:
         """(byte offset, length) of sample ``index`` of ``shard``."""
         if not 0 <= index < self.table.counts[shard]:
-            raise IndexError(f"sample {index} is past the end of {self.urls[shard]}, which holds "
+            raise ValueError(f"sample {index} is past the end of {self.urls[shard]}, which holds "
                              f"{self.table.counts[shard]} samples: the manifest and the sample table disagree; "
                              "run `python -m data_tools verify` on the shard directory")
         if self._entries is None:

@@ -138,3 +138,16 @@ def test_one_epoch_opens_each_shard_once_per_worker_and_reads_no_index(st_make_s
         next(single)
     assert opened[".tar"] == sum(single.shard_opens.values()) == len({s for _, s in touched})
     assert opened[".idx"] == 0
+
+
+def test_reader_scale_benchmark_counts_one_open_per_shard_where_the_old_reader_reopened(tmp_path: Path) -> None:
+    """``benchmarks/reader_scale.py`` at a tenth of ImageNet-21k's shard size (1.4 M samples, 1,400 shards, 8
+    ranks): the real reader opens each shard its worker touches once; the replayed old policy reopens."""
+    import runpy
+
+    bench = runpy.run_path(str(REPO / "benchmarks" / "reader_scale.py"))
+    row = bench["measure"](1400, 8, 8, tmp_path, 0.001, samples=1_400_000)
+    assert row["opens"] == row["shards_touched"] and row["max_opens_per_shard"] == 1
+    steps, accum = 1_400_000 // 4096, 4096 // (8 * 256)  # micro-batch 256: 2 per rank and step
+    assert row["samples_read"] == -(-steps * accum // 8) * 256  # worker 0 of 8 builds every 8th micro-batch
+    assert row["baseline_opens"] > 50 * row["opens"], row  # 7,560 vs 88 here

@@ -9,7 +9,10 @@ One module per job; the training loop imports only ``train_stream``, ``eval_stre
       order (pure arithmetic)          (epoch, step, slot) ─▶ sample id ─▶ (shard, index in shard)
             │                                  rank r takes whole streams; worker w builds micro-batch w, w+n, ...
             ▼
-      reader (per-shard .tar.idx)      one positioned read per sample, at its byte offset
+      sample_table (one per node)      offsets + lengths of every train sample, 12 bytes each, memory-mapped;
+            │                          built before launch from the per-shard .tar.idx, each checked
+            ▼                          against its shard and _info.json (preflight: exit 2 if stale)
+      reader                           one positioned read per sample; one open per shard and worker an epoch
             │
             ▼
       train_stream ─ DataLoader workers: samples.decode_sample + transforms (cpu, cpu_full)

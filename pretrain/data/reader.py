@@ -82,6 +82,9 @@ class ShardReader:
     def _open(self, path: str) -> int:
         return os.open(path, os.O_RDONLY)
 
+    def _close(self, fd: int) -> None:
+        os.close(fd)
+
     def handle(self, shard: int) -> int:
         """An open descriptor of ``shard`` (opened on first use; least recently used closed past the budget)."""
         if shard in self._files:
@@ -90,7 +93,7 @@ class ShardReader:
         self._files[shard] = self._open(self.urls[shard])
         self.opened.append(shard)
         if len(self._files) > self.max_open:
-            os.close(self._files.popitem(last=False)[1])
+            self._close(self._files.popitem(last=False)[1])
         return self._files[shard]
 
     def read(self, shard: int, index: int) -> dict[str, Any]:
@@ -119,5 +122,5 @@ class ShardReader:
 
     def close(self) -> None:
         for fd in self._files.values():
-            os.close(fd)
+            self._close(fd)
         self._files.clear()

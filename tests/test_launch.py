@@ -278,8 +278,13 @@ def test_train_step_benchmark_feeds_the_engine_from_shards_on_each_decode_path(d
         assert proc.returncode == 0, proc.stderr[-3000:]
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         assert result["decode"] == decode and result["ours_engine_data_images_per_s"] > 0
-        assert result["data_vs_synthetic"] == pytest.approx(
-            result["ours_engine_data_images_per_s"] / result["ours_engine_images_per_s"], abs=1e-3)
+        data, synthetic = result["ours_engine_data_images_per_s"], result["ours_engine_images_per_s"]
+        # Both rates are printed rounded to 0.01 img/s and the ratio to 0.001: recomputing the ratio from
+        # the rounded rates is off by up to ratio * (0.005 / data + 0.005 / synthetic) + 0.0005 (at a few
+        # img/s on a loaded CPU that is ~0.003, more than a fixed 1e-3).
+        ratio = data / synthetic
+        slack = ratio * (0.005 / data + 0.005 / synthetic) + 0.0005
+        assert result["data_vs_synthetic"] == pytest.approx(ratio, abs=slack)
 
 
 @pytest.mark.slow

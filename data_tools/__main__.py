@@ -86,6 +86,9 @@ def _convert(args: argparse.Namespace) -> int:
     if summary.get("damaged_rewritten"):
         print(f"rewrote {len(summary['damaged_rewritten'])} shards whose size or sha256 no longer matched their "
               f"record: {', '.join(summary['damaged_rewritten'])}")
+    if summary.get("shards_lost_to_another_writer"):
+        print(f"{summary['shards_lost_to_another_writer']} shards were finished first by another process writing "
+              "them at the same time (an overlapping run of this part): kept theirs, deleted ours")
     if summary.get("tar_opens"):
         print(f"read {summary['tars_read']} class tars with {summary['tar_opens']} opens")
     if "part" in summary:

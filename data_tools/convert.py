@@ -49,8 +49,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import shutil
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -72,6 +72,7 @@ from .writer import PARTIAL_SUFFIX, ShardSink, record_path, shard_matches, stale
 
 WORK_DIR = "_work"
 DEFAULT_SHARD_SIZE = "1GB"
+PROBE_PREFIX = ".write-test-"
 MISSING_SHOWN = 10
 """Missing shards named in a failed merge's message."""
 WINDOW_PER_WORKER = 4
@@ -160,13 +161,18 @@ def _check_arguments(split: str, samples_per_shard: Optional[int], shard_size: O
 
 
 def _check_output(out: Path) -> None:
-    """Create ``out`` and make sure files can be written there."""
+    """Create ``out`` and make sure files can be written there (a probe file, which ``_drop_work`` also removes).
+
+    The probe is removed here tolerating its absence: a process killed between the two
+    steps leaves it, and the run that completes the split removes every probe then.
+    """
     if out.exists() and not out.is_dir():
         raise ConversionError(f"output {out} exists and is not a directory: choose a folder for the shards")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
-            pass
+        probe = out / f"{PROBE_PREFIX}{secrets.token_hex(8)}"
+        probe.touch(exist_ok=False)
+        probe.unlink(missing_ok=True)
     except OSError as err:
         raise ConversionError(f"output {out} is not writable ({err.strerror}): choose another folder "
                               "or fix its permissions") from None
@@ -343,13 +349,14 @@ def _finish(out: Path, plan: PlanFile, records: list[dict], settings: dict, name
 
 
 def _drop_work(out: Path, work: Path) -> None:
-    """Remove a split's work folder, its partial shards and index temporary files, and ``OUT/_work`` once empty.
+    """Remove a split's work folder, its partial shards and index temporary files, write probes, ``OUT/_work``.
 
     Called when the split is complete: the merge runs once every part has ended, so the
     partial files left are those of killed writers (on any host), never a live one's.
     """
     split = work.name
-    for leftover in [*out.glob(f"{split}-*{PARTIAL_SUFFIX}"), *out.glob(f".{split}-*.tmp")]:
+    for leftover in [*out.glob(f"{split}-*{PARTIAL_SUFFIX}"), *out.glob(f".{split}-*.tmp"),
+                     *out.glob(f"{PROBE_PREFIX}*")]:
         leftover.unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)
     if (out / WORK_DIR).is_dir() and not any((out / WORK_DIR).iterdir()):

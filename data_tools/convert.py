@@ -22,10 +22,11 @@ Splitting the work over independent processes or nodes (a SLURM array,
 (``--part i/n``), writes only its shards (index % n == i) and stops after step 3,
 keeping the work folder. Then the same command with ``merge=True`` (``--merge``)
 writes no image: it checks that every planned shard is there with the size and sha256
-its part recorded (naming the missing or changed ones otherwise) and does step 4. The merge is a separate flag, not
-"the command without ``--part``", because that command converts whatever is missing
-in one process, which is the right way to finish a single-process run but would
-silently turn a failed part of a 21k-class conversion into hours of work on one node.
+its part recorded (naming the missing or changed ones otherwise) and does step 4. The
+merge is a separate flag, not "the command without ``--part``", because that command
+converts whatever is missing in one process, which is the right way to finish a
+single-process run but would silently turn a failed part of a 21k-class conversion
+into hours of work on one node.
 
 Cost at ImageNet-21k scale (14.2 M files, 21,841 tars, 64 parts): the source is listed
 once (14.2 M tar headers, not 64 x 14.2 M = 909 M), by one part while the others wait;

@@ -1,4 +1,4 @@
-"""Write one shard durably: tar members streamed through sha256, fsync, record, rename, folder fsync.
+"""Write one shard durably: tar members streamed through sha256, fsync, record, link, folder fsync.
 
 Crash safety: the tar is written under ``<name>.<writer>.partial``; when it is complete
 it is fsynced, its record (count, sha256, bytes, skipped images, stats) is saved in the
@@ -45,9 +45,8 @@ from .stats import SplitStats
 TAR_MTIME = 0
 """Fixed member mtime, so the same input gives byte-identical shards."""
 TAR_MODE = 0o444
-
-
 PARTIAL_SUFFIX = ".partial"
+"""Ends the name of a shard being written: ``<name>.<writer_id>.partial``."""
 
 
 def record_path(work: Path, name: str) -> Path:
@@ -64,6 +63,9 @@ def stale_partials(out: Path, split: str) -> list[Path]:
 
     A partial written on another host is left alone: its writer may be alive, and this
     process cannot tell. The merge removes those (``convert``), once every part has ended.
+    The host name stands for the pid namespace: containers that share a host name but
+    not their pids (``docker --uts=host`` without ``--pid=host``) must not convert into
+    one folder at once (SLURM, enroot and Apptainer share both).
     """
     host = socket.gethostname()
     stale = []

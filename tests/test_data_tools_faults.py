@@ -29,7 +29,7 @@ from data_tools.plan import Part
 from data_tools.planfile import HEADER, STALE_S
 from data_tools.verify import verify, verify_merge
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 COUNTS = {"ant": 5, "bee": 4, "cow": 3}
 PER_SHARD = 2
 KILLS = 5

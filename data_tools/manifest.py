@@ -11,9 +11,9 @@ A shard directory holds, next to the ``{split}-{000000..N}.tar`` shards:
   extras keep it compatible.
 - ``classes.json``: a JSON list, label index -> class name (WordNet id for ImageNet).
 - ``_errors.jsonl``: one JSON object per skipped source item (``split``, ``path``, ``reason``).
-- ``.manifest.lock``: an empty file, locked (``fcntl.flock``) while one of the three files above
-  is read, changed and written back: two splits merged at once (two jobs, two nodes) would
-  otherwise both read the old ``_info.json`` and the last to write would drop the other's split.
+- ``.manifest.lock``, only while one of the three files above is read, changed and written
+  back (``manifest_lock``): two splits merged at once (two jobs, two nodes) would otherwise
+  both read the old ``_info.json``, and the last to write would drop the other's split.
 
 The training stream imports this module, so it depends on the standard library only.
 """
@@ -21,13 +21,13 @@ The training stream imports this module, so it depends on the standard library o
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import secrets
 from pathlib import Path
 from typing import IO, Iterator, NamedTuple, Optional, Union
+
+from .lockfile import hold
 
 INFO_FILE = "_info.json"
 CLASSES_FILE = "classes.json"
@@ -134,23 +134,14 @@ def read_split(out: PathLike, split: str) -> SplitFiles:
 
 @contextlib.contextmanager
 def manifest_lock(out: Path) -> Iterator[None]:
-    """Hold ``out/.manifest.lock`` exclusively; on entry, delete the temporary files of a killed holder.
+    """Hold ``out/.manifest.lock`` (``lockfile.hold``); on entry, delete the temporary files of a killed holder.
 
-    ``flock`` rather than the plan's lock file with a heartbeat: the kernel (or the NFS
-    server) releases it when its holder dies, and it is held for a read and a write, not
-    for an hour of listing. Only the holder writes ``_info.json``, ``_errors.jsonl`` and
-    ``classes.json``, so their temporary files found by the next holder are a killed
-    writer's. Not reentrant: one ``with`` per update.
+    Only the holder writes ``_info.json``, ``_errors.jsonl`` and ``classes.json``, so
+    their temporary files found by the next holder are a killed writer's. A holder killed
+    with the lock keeps the next merge waiting ``lockfile.STALE_S``. Not reentrant: one
+    ``with`` per update.
     """
-    with open(out / LOCK_FILE, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError as err:
-            if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-            raise OSError(err.errno, f"cannot lock {out / LOCK_FILE} ({err.strerror}): this file system has no "
-                                     "flock (Lustre: mount it with -o flock): convert into a file system that "
-                                     "has it, or ask for it to be mounted with locking") from None
+    with hold(out / LOCK_FILE):
         for name in (INFO_FILE, ERRORS_FILE, CLASSES_FILE):
             for tmp in out.glob(f".{name}.*.tmp"):
                 tmp.unlink(missing_ok=True)

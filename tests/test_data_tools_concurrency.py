@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
+import data_tools.lockfile as lockfile
 import data_tools.manifest as manifest_module
 import data_tools.planfile as planfile
 from data_tools.convert import convert
@@ -150,13 +151,21 @@ def test_a_killed_manifest_writers_temporary_files_go_with_the_next_lock(tmp_pat
     assert read_info(out)["splits"]["train"]["num_samples"] == 0
 
 
-def test_a_file_system_without_flock_is_named_with_the_fix(tmp_path, monkeypatch):
-    def no_locks(handle, operation):
-        raise OSError(38, "Function not implemented")
+def test_a_manifest_update_waits_for_a_live_holder_and_takes_a_killed_ones_lock_over(tmp_path):
+    lock = tmp_path / manifest_module.LOCK_FILE
+    entry = {"name": "train", "filenames": [], "shard_lengths": [], "num_samples": 0}
+    update = threading.Thread(target=manifest_module.write_split, args=(tmp_path, "train", entry, "ds"))
+    with lockfile.hold(lock):
+        update.start()
+        update.join(timeout=2 * lockfile.POLL_S)
+        assert update.is_alive() and not (tmp_path / "_info.json").exists()
+    update.join(timeout=10 * lockfile.POLL_S)
+    assert not update.is_alive() and "train" in read_info(tmp_path)["splits"] and not lock.exists()
 
-    monkeypatch.setattr(manifest_module.fcntl, "flock", no_locks)
-    with pytest.raises(OSError, match=r"cannot lock .*\.manifest\.lock \(Function not implemented\): .*-o flock"):
-        manifest_module.write_errors(tmp_path, "train", [])
+    lock.write_text("deadtoken node1 pid 1\n")  # a merge killed while holding it
+    stale(lock)
+    manifest_module.write_split(tmp_path, "val", entry, "ds")
+    assert sorted(read_info(tmp_path)["splits"]) == ["train", "val"] and not lock.exists()
 
 
 def test_releasing_the_plan_lock_leaves_a_lock_another_process_took_over(tmp_path):
@@ -164,7 +173,7 @@ def test_releasing_the_plan_lock_leaves_a_lock_another_process_took_over(tmp_pat
     lock = work / planfile.LOCK
 
     def build():
-        assert planfile._token(lock)  # held, with our token
+        assert lockfile.token_of(lock)  # held, with our token
         lock.write_text("othertoken node9 pid 77\n")  # our lock was taken over; a live holder has it now
         raise RuntimeError("planning failed")
 
@@ -175,7 +184,7 @@ def test_releasing_the_plan_lock_leaves_a_lock_another_process_took_over(tmp_pat
 
 
 def stale(path: Path) -> None:
-    old = time.time() - planfile.STALE_S - 5
+    old = time.time() - lockfile.STALE_S - 5
     os.utime(path, (old, old))
 
 
@@ -192,7 +201,7 @@ def test_a_stale_take_over_does_not_remove_a_lock_renewed_since_it_looked(tmp_pa
         return real_rename(src, dst)
 
     monkeypatch.setattr(os, "rename", rename)
-    planfile._take_over_if_stale(lock)
+    lockfile._take_over_if_stale(lock)
     assert lock.read_text() == "livetoken node2 pid 2\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [planfile.LOCK]
 
@@ -207,7 +216,7 @@ def test_compare_and_delete_removes_only_the_expected_stale_lock(tmp_path, conte
     lock.write_text(content)
     if not refreshed:
         stale(lock)
-    assert planfile._compare_and_delete(lock, "deadtoken", if_stale=True) is removed
+    assert lockfile._compare_and_delete(lock, "deadtoken", if_stale=True) is removed
     assert lock.exists() is not removed
     assert len(list(tmp_path.iterdir())) == (0 if removed else 1)
 

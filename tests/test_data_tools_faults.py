@@ -6,8 +6,8 @@ by a seeded generator from a dry run's count, ``KILLS`` distinct moments a phase
 each kill the next run (what SLURM's requeue or a rerun of the array task does) must
 finish the conversion with shards and ``_info.json`` byte-identical to an uninterrupted
 one, ``verify`` and ``verify --merge`` clean, and nothing of the killed process left.
-A planner killed while holding the plan lock is waited for until its lock is stale; the
-test ages the work folder by ``STALE_S`` instead of waiting two minutes.
+A process killed while holding a lock (the plan's, the manifest's) is waited for until
+its lock is stale; the test ages the folder by ``STALE_S`` instead of waiting two minutes.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import pytest
 from data_tools.convert import convert
 from data_tools.manifest import read_info
 from data_tools.plan import Part
-from data_tools.planfile import HEADER, STALE_S
+from data_tools.lockfile import STALE_S
+from data_tools.planfile import HEADER
 from data_tools.verify import verify, verify_merge
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -129,5 +130,6 @@ def test_sigkill_in_the_merge_then_the_next_merge_finishes(tmp_path, reference):
     for kill_at in moments(len(operations(dry)), "merge"):
         out = shutil.copytree(parted, tmp_path / f"merge-{kill_at}")
         assert run_killed(source, out, kill_at, tmp_path / f"merge-{kill_at}.log", "--merge") == -9
+        age(out)
         finish(source, out, ())
         assert_recovered(out, expected)

@@ -44,9 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("verify", help="re-read every shard: checksums, counts, decoding, labels")
     check.add_argument("out")
     check.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    check.add_argument("--part", type=_part, metavar="I/N",
+    scope = check.add_mutually_exclusive_group()
+    scope.add_argument("--part", type=_part, metavar="I/N",
                        help="check only shards i with i %% N == I (one of N parallel processes, e.g. a SLURM array "
-                            "task); keys are then checked for repeats among those shards only")
+                            "task); keys are then checked for repeats among those shards only: run --merge after")
+    scope.add_argument("--merge", action="store_true",
+                       help="after all --part runs: keys repeated across shards and the splits' sample counts, "
+                            "from the shard indexes (no image is decoded)")
 
     show = commands.add_parser("info", help="samples per split and class, bytes, image sizes")
     show.add_argument("out")
@@ -86,6 +90,9 @@ def _convert(args: argparse.Namespace) -> int:
     if summary.get("damaged_rewritten"):
         print(f"rewrote {len(summary['damaged_rewritten'])} shards whose size or sha256 no longer matched their "
               f"record: {', '.join(summary['damaged_rewritten'])}")
+    if summary.get("shards_lost_to_another_writer"):
+        print(f"{summary['shards_lost_to_another_writer']} shards were finished first by another process writing "
+              "them at the same time (an overlapping run of this part): kept theirs, deleted ours")
     if summary.get("tar_opens"):
         print(f"read {summary['tars_read']} class tars with {summary['tar_opens']} opens")
     if "part" in summary:
@@ -103,9 +110,10 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .verify import verify
+    from .verify import verify, verify_merge
 
-    problems = verify(args.out, workers=args.workers, part=args.part)
+    problems = (verify_merge(args.out, workers=args.workers) if args.merge
+                else verify(args.out, workers=args.workers, part=args.part))
     for problem in problems:
         print(problem)
     print(f"{args.out}: {'OK' if not problems else f'{len(problems)} problems'}", file=sys.stderr)

@@ -11,6 +11,9 @@ A shard directory holds, next to the ``{split}-{000000..N}.tar`` shards:
   extras keep it compatible.
 - ``classes.json``: a JSON list, label index -> class name (WordNet id for ImageNet).
 - ``_errors.jsonl``: one JSON object per skipped source item (``split``, ``path``, ``reason``).
+- ``.manifest.lock``, only while one of the three files above is read, changed and written
+  back (``manifest_lock``): two splits merged at once (two jobs, two nodes) would otherwise
+  both read the old ``_info.json``, and the last to write would drop the other's split.
 
 The training stream imports this module, so it depends on the standard library only.
 """
@@ -24,9 +27,12 @@ import secrets
 from pathlib import Path
 from typing import IO, Iterator, NamedTuple, Optional, Union
 
+from .lockfile import hold
+
 INFO_FILE = "_info.json"
 CLASSES_FILE = "classes.json"
 ERRORS_FILE = "_errors.jsonl"
+LOCK_FILE = ".manifest.lock"
 
 PathLike = Union[str, os.PathLike]
 
@@ -126,12 +132,36 @@ def read_split(out: PathLike, split: str) -> SplitFiles:
     return SplitFiles([out / name for name in entry["filenames"]], list(entry["shard_lengths"]), read_classes(out))
 
 
+@contextlib.contextmanager
+def manifest_lock(out: Path) -> Iterator[None]:
+    """Hold ``out/.manifest.lock`` (``lockfile.hold``); on entry, delete the temporary files of a killed holder.
+
+    Only the holder writes ``_info.json``, ``_errors.jsonl`` and ``classes.json``, so
+    their temporary files found by the next holder are a killed writer's. A holder killed
+    with the lock keeps the next merge waiting ``lockfile.STALE_S``. Not reentrant: one
+    ``with`` per update.
+    """
+    with hold(out / LOCK_FILE):
+        for name in (INFO_FILE, ERRORS_FILE, CLASSES_FILE):
+            for tmp in out.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+        yield
+
+
 def write_split(out: Path, split: str, entry: dict, name: str) -> None:
-    """Add or replace ``split`` in ``out/_info.json``, keeping the other splits."""
+    """Add or replace ``split`` in ``out/_info.json``, keeping the other splits (under ``manifest_lock``)."""
     path = out / INFO_FILE
-    info = read_info(out) if path.is_file() else {"name": name, "splits": {}}
-    info["splits"][split] = entry
-    write_json_atomic(path, info)
+    with manifest_lock(out):
+        info = read_info(out) if path.is_file() else {"name": name, "splits": {}}
+        info["splits"][split] = entry
+        write_json_atomic(path, info)
+
+
+def write_classes(out: Path, classes: list[str]) -> None:
+    """Write ``classes.json`` unless a concurrent part already has (every part plans the same classes)."""
+    with manifest_lock(out):
+        if not (out / CLASSES_FILE).is_file():
+            write_json_atomic(out / CLASSES_FILE, classes)
 
 
 def read_errors(out: PathLike) -> list[dict]:
@@ -143,7 +173,8 @@ def read_errors(out: PathLike) -> list[dict]:
 
 
 def write_errors(out: Path, split: str, errors: list[dict]) -> None:
-    """Replace ``split``'s entries in ``out/_errors.jsonl``, keeping the other splits'."""
-    kept = [e for e in read_errors(out) if e.get("split") != split]
-    lines = [json.dumps(e) for e in kept + [{"split": split, **e} for e in errors]]
-    write_text_atomic(out / ERRORS_FILE, "".join(line + "\n" for line in lines))
+    """Replace ``split``'s entries in ``out/_errors.jsonl``, keeping the other splits' (under ``manifest_lock``)."""
+    with manifest_lock(out):
+        kept = [e for e in read_errors(out) if e.get("split") != split]
+        lines = [json.dumps(e) for e in kept + [{"split": split, **e} for e in errors]]
+        write_text_atomic(out / ERRORS_FILE, "".join(line + "\n" for line in lines))

@@ -13,37 +13,31 @@ At ImageNet-21k scale (14.2 M files, names of about 30 bytes) that is about 0.9 
 written in chunks of ``plan.CHUNK`` rows: nothing of plan size is held in memory twice.
 
 Concurrency: the SLURM array's tasks start together and none finds a plan. The one
-that creates ``plan.lock`` (``O_EXCL``) lists and plans; the others poll for the header
-every ``POLL_S``. The holder refreshes the lock's mtime every ``HEARTBEAT_S``; a lock not
-refreshed for ``STALE_S`` (its holder was killed) is taken over. Correctness never
+that gets ``plan.lock`` (``lockfile.py``: a lock file with a token, a heartbeat, and a
+take-over once stale) lists and plans; the others poll for the header every
+``lockfile.POLL_S``. The planner that takes over a killed one's lock first deletes the
+killed planner's temporary files (those not written for ``STALE_S``). Correctness never
 depends on the lock: two planners write identical files with atomic renames, so a
 wrongly broken lock only costs a second listing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
-import os
-import secrets
-import socket
-import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from .lockfile import STALE_S, hold
 from .manifest import atomic_writer, write_json_atomic
 from .plan import CHUNK, SAMPLE_DTYPE, Plan
 from .sources import NAME_ENCODING
 
 HEADER, SAMPLES, NAMES, BOUNDS, PROBLEMS, LOCK = ("plan.json", "plan-samples.npy", "plan-names.bin",
                                                    "plan-bounds.npy", "plan-problems.json", "plan.lock")
-POLL_S = 1.0
-HEARTBEAT_S = 15.0
-STALE_S = 120.0
-log = logging.getLogger(__name__)
 
 
 def write_plan(work: Path, plan: Plan, header: dict, problems: list[dict]) -> None:
@@ -99,47 +93,16 @@ class PlanFile:
 def load_or_build(work: Path, build: Callable[[], None]) -> PlanFile:
     """The plan in ``work``; ``build()`` writes it first when none exists, in one process at a time."""
     work.mkdir(parents=True, exist_ok=True)
-    lock = work / LOCK
-    while not (work / HEADER).is_file():
-        try:
-            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            _take_over_if_stale(lock)
-            time.sleep(POLL_S)
-            continue
-        os.write(handle, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
-        os.close(handle)
-        stop = threading.Event()
-        beat = threading.Thread(target=_heartbeat, args=(lock, stop), daemon=True)
-        beat.start()
-        try:
-            if not (work / HEADER).is_file():  # written between our check and the lock
-                build()
-        finally:
-            stop.set()
-            beat.join()
-            lock.unlink(missing_ok=True)
+    with hold(work / LOCK, give_up=(work / HEADER).is_file) as held:
+        if held and not (work / HEADER).is_file():  # the header may have come between the look and the lock
+            _remove_stale_tmp(work)
+            build()
     return PlanFile(work)
 
 
-def _heartbeat(lock: Path, stop: threading.Event) -> None:
-    while not stop.wait(HEARTBEAT_S):
-        try:
-            os.utime(lock)
-        except FileNotFoundError:
-            return
-
-
-def _take_over_if_stale(lock: Path) -> None:
-    """Remove ``lock`` when its holder stopped refreshing it (killed while planning)."""
-    try:
-        age = time.time() - lock.stat().st_mtime
-        if age <= STALE_S:
-            return
-        holder = lock.read_text().strip()
-        stale = lock.with_name(f"{lock.name}.stale-{secrets.token_hex(4)}")
-        os.rename(lock, stale)  # only one waiter wins the rename
-    except FileNotFoundError:
-        return
-    stale.unlink()
-    log.warning("plan lock %s (%s) not refreshed for %.0f s: its holder is gone, planning here", lock, holder, age)
+def _remove_stale_tmp(work: Path) -> None:
+    """Delete temporary plan files not written for ``STALE_S``: a killed planner's (a live one writes in chunks)."""
+    for tmp in work.glob(".plan*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - tmp.stat().st_mtime > STALE_S:
+                tmp.unlink()

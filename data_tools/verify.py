@@ -10,7 +10,13 @@ Shards are checked in ``workers`` processes (one shard a task, results in manife
 order, so the report is the same for any worker count); the key check runs on the
 keys the workers return. ``part=Part(i, n)`` checks only shards ``j % n == i`` of
 every split, for a SLURM array: 14.2 M images take ~12 CPU-hours to decode, an hour
-on 16 cores, minutes over 16 nodes. A part checks keys only among its own shards.
+on 16 cores, minutes over 16 nodes. A part checks keys only among its own shards, and
+that each shard's index (``index.py``) lists the keys the shard holds.
+
+``verify_merge`` (``verify --merge``), run once after every part, checks what no part
+can see: keys repeated across parts, and the split's counts (shard lengths adding up to
+``num_samples``, as do the per-class counts). It reads the shards' indexes, not the
+shards: at ImageNet-21k scale ~600 MB of index text instead of 1.3 TB, minutes on one CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import numpy as np
 import webdataset as wds  # imported before the pool forks: each worker would spend ~2 s importing torch
 from PIL import Image, UnidentifiedImageError
 
+from .index import build_index, index_path, read_index, stale_reason
 from .manifest import read_classes, read_info
 from .plan import Part
 from .writer import file_sha256
@@ -60,9 +67,65 @@ def verify(out: Union[str, Path], workers: int = 1, part: Optional[Part] = None)
             for shard_problems, _ in results:
                 problems += shard_problems
             problems += _duplicate_keys([(job.path.name, keys) for job, (_, keys) in zip(jobs, results)])
-            if part is None and sum(entry["shard_lengths"]) != entry["num_samples"]:
-                problems.append(f"split {split}: num_samples {entry['num_samples']} != sum of shard_lengths")
+            if part is None:
+                problems += _count_problems(split, entry)
     return problems
+
+
+def verify_merge(out: Union[str, Path], workers: int = 1) -> list[str]:
+    """After ``verify --part`` runs: keys repeated across shards of a split, and its counts (module docstring).
+
+    A shard's keys come from its index; one missing or stale (its shard's size or first
+    and last keys differ) is rebuilt in memory from the tar headers, so a damaged index
+    cannot hide a repeat. Problems are one line each, like ``verify``'s.
+    """
+    out = Path(out)
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    problems = []
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext()
+    with pool as executor:
+        for split, entry in read_info(out)["splits"].items():
+            jobs = [ShardJob(out / name, length, None, None)
+                    for name, length in zip(entry["filenames"], entry["shard_lengths"])]
+            results = list((executor.map if executor else map)(indexed_keys, jobs))
+            for shard_problems, _ in results:
+                problems += shard_problems
+            problems += _duplicate_keys([(job.path.name, keys) for job, (_, keys) in zip(jobs, results)])
+            problems += _count_problems(split, entry)
+    return problems
+
+
+def indexed_keys(job: ShardJob) -> tuple[list[str], np.ndarray]:
+    """The keys of one shard from its index (rebuilt from tar headers when missing or stale), and problems."""
+    name = job.path.name
+    if not job.path.is_file():
+        return [f"{name}: missing"], np.array([], dtype="S1")
+    try:
+        index = read_index(job.path)
+        if index is None or stale_reason(job.path, index) is not None:
+            index = build_index(job.path)
+    except ValueError as err:
+        return [f"{name}: {err}"], np.array([], dtype="S1")
+    return _length_problem(name, len(index), job.length), np.array([k.encode() for k in index.keys], dtype="S")
+
+
+def _count_problems(split: str, entry: dict) -> list[str]:
+    """The split's totals: shard lengths (and per-class counts, where recorded) add up to ``num_samples``."""
+    total, problems = entry["num_samples"], []
+    if len(entry["shard_lengths"]) != len(entry["filenames"]):
+        problems.append(f"split {split}: {len(entry['filenames'])} filenames but {len(entry['shard_lengths'])} "
+                        "shard_lengths in _info.json")
+    if sum(entry["shard_lengths"]) != total:
+        problems.append(f"split {split}: num_samples {total} != sum of shard_lengths ({sum(entry['shard_lengths'])})")
+    classes = entry.get("stats", {}).get("class_counts")
+    if classes is not None and sum(classes.values()) != total:
+        problems.append(f"split {split}: num_samples {total} != sum of per-class counts ({sum(classes.values())})")
+    return problems
+
+
+def _length_problem(name: str, found: int, expected: int) -> list[str]:
+    return [] if found == expected else [f"{name}: holds {found} samples, _info.json says {expected}"]
 
 
 def check_shard(job: ShardJob) -> tuple[list[str], np.ndarray]:
@@ -79,9 +142,20 @@ def check_shard(job: ShardJob) -> tuple[list[str], np.ndarray]:
             problems += [f"{name} sample {sample['__key__']}: {p}" for p in _sample_problems(sample, job.classes)]
     except Exception as err:  # a damaged tar header surfaces as tarfile/ValueError/OSError from the reader
         problems.append(f"{name}: unreadable after {len(keys)} samples: {err}")
-    if len(keys) != job.length:
-        problems.append(f"{name}: holds {len(keys)} samples, _info.json says {job.length}")
+    problems += _length_problem(name, len(keys), job.length) + _index_problem(job.path, keys)
     return problems, np.array([k.encode() for k in keys], dtype="S")
+
+
+def _index_problem(path: Path, keys: list[str]) -> list[str]:
+    """The shard's index, where there is one, must list the keys the shard holds (``verify_merge`` relies on it)."""
+    fix = f"rebuild it with `python -m data_tools index {path.parent} --force`"
+    try:
+        index = read_index(path)
+    except ValueError as err:
+        return [f"{path.name}: {err}"]
+    if index is None or index.keys == keys:
+        return []
+    return [f"{path.name}: its index {index_path(path).name} lists other keys than the shard holds: {fix}"]
 
 
 def _duplicate_keys(shard_keys: list[tuple[str, np.ndarray]]) -> list[str]:

@@ -14,10 +14,11 @@
 # that are. N is PARTS when set, else the array's size: keep it fixed when rerunning parts.
 #
 # The lowest task of the array submits the merge: the same command with --merge instead of
-# --part, as a one-CPU job that starts once every array task has ended
+# --part, as a one-node job with the tasks' CPUs that starts once every array task has ended
 # (--dependency=afterany, not afterok: after a failed part an afterok job would wait forever;
 # this one runs, fails, and its log names the missing shards). It writes no image, checks
-# that every planned shard exists, and writes _errors.jsonl and the split's _info.json.
+# that every planned shard exists with the size and sha256 its part recorded (hashed on all
+# its CPUs), and writes _errors.jsonl and the split's _info.json.
 # Its log goes next to the array's logs (<job-name>-merge-<id>.out). A failed or killed
 # part: rerun it (PARTS=N sbatch --array=I ...; finished shards are kept), which submits a
 # new merge. Relative SOURCE and OUT are taken from the submit directory.
@@ -61,7 +62,8 @@ vs_submit_merge() {
   [ -n "${SLURM_JOB_PARTITION:-}" ] && options+=(--partition="$SLURM_JOB_PARTITION")
   [ -n "${SLURM_JOB_ACCOUNT:-}" ] && options+=(--account="$SLURM_JOB_ACCOUNT")
   if merge_id=$(sbatch --parsable --job-name="$SLURM_JOB_NAME-merge" \
-      --dependency="afterany:$SLURM_ARRAY_JOB_ID" --nodes=1 --ntasks=1 --cpus-per-task=1 "${options[@]}" \
+      --dependency="afterany:$SLURM_ARRAY_JOB_ID" --nodes=1 --ntasks=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+      "${options[@]}" \
       --output="$log_dir/%x-%j.out" --chdir="$PWD" --wrap="$(printf '%q ' "${convert[@]}" --merge)"); then
     vs_log "submitted merge job $merge_id (runs after every task of array job $SLURM_ARRAY_JOB_ID)"
   else

@@ -7,17 +7,19 @@ foreign-shard check, as SLURM array tasks do).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import webdataset as wds
 
 from data_tools.__main__ import main
 from data_tools.convert import ConversionError, convert
 from data_tools.manifest import read_info
 from data_tools.plan import Part
-from data_tools.verify import verify
+from data_tools.verify import verify, verify_merge
 
 COUNTS = {"ant": 9, "bee": 8, "cow": 7}
 PER_SHARD = 2  # 24 images -> 12 shards, 4 per part of 3
@@ -116,3 +118,41 @@ def test_part_and_merge_exclude_each_other(tmp_path, dt_imagefolder):
         convert(dt_imagefolder(COUNTS), tmp_path / "out", part=Part(0, 2), merge=True, progress=False)
     assert Part.parse(" 2 / 5 ") == Part(2, 5) and [i for i in range(12) if Part(2, 5).owns(i)] == [2, 7]
     assert str(Part(2, 5)) == "2/5"
+
+
+def test_verify_merge_finds_what_every_part_run_misses(tmp_path, dt_imagefolder, capsys):
+    """Keys repeated in shards of two parts and a wrong total pass every ``verify --part``; ``--merge`` names them."""
+    source, out = dt_imagefolder(COUNTS), tmp_path / "out"
+    for index in range(2):
+        convert(source, out, samples_per_shard=PER_SHARD, part=Part(index, 2), progress=False)
+    convert(source, out, samples_per_shard=PER_SHARD, merge=True, progress=False)
+    assert verify_merge(out) == []
+    for suffix in ("", ".idx"):  # shard 1 (part 1) becomes a copy of shard 0 (part 0), manifest updated to match
+        (out / f"train-000001.tar{suffix}").write_bytes((out / f"train-000000.tar{suffix}").read_bytes())
+    info = json.loads((out / "_info.json").read_text())
+    entry = info["splits"]["train"]
+    entry["sha256"][1] = entry["sha256"][0]
+    entry["num_samples"] += 1
+    (out / "_info.json").write_text(json.dumps(info))
+    keys = [s["__key__"] for s in wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False)]
+
+    assert [verify(out, part=Part(index, 2)) for index in range(2)] == [[], []]
+    assert verify_merge(out, workers=2) == [f"train-000001.tar sample {key}: key used twice in this split"
+                                            for key in keys] + [
+        "split train: num_samples 25 != sum of shard_lengths (24)",
+        "split train: num_samples 25 != sum of per-class counts (24)"]
+    assert main(["verify", str(out), "--merge"]) == 1
+    assert len(capsys.readouterr().out.splitlines()) == 4
+
+    (out / "train-000001.tar.idx").unlink()  # rebuilt from the tar headers: the repeat cannot hide
+    (out / "train-000003.tar.idx").write_text((out / "train-000005.tar.idx").read_text())  # another shard's
+    assert len(verify_merge(out)) == 4
+    assert verify(out, part=Part(1, 2)) == [
+        "train-000003.tar: its index train-000003.tar.idx lists other keys than the shard holds: rebuild it with "
+        f"`python -m data_tools index {out} --force`"]
+
+
+def test_verify_part_and_merge_exclude_each_other(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["verify", str(tmp_path), "--part", "0/2", "--merge"])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err

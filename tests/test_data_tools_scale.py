@@ -24,7 +24,8 @@ from data_tools.__main__ import main
 from data_tools.convert import ConversionError, convert
 from data_tools.manifest import read_errors, read_info
 from data_tools.plan import Part
-from data_tools.planfile import LOCK, STALE_S
+from data_tools.lockfile import STALE_S
+from data_tools.planfile import LOCK
 from data_tools.reads import MAX_WAVES
 from data_tools.verify import verify
 
@@ -134,27 +135,31 @@ def test_each_class_tar_is_opened_a_bounded_number_of_times_per_part_and_read_fo
 
 def test_shards_and_manifests_are_fsynced_before_their_rename_and_the_folder_after(tmp_path, dt_class_tars,
                                                                                   monkeypatch):
+    """Manifests are renamed into place, shards linked (first writer wins): both only after an fsync of the data."""
     events = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
 
     def fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
         return real_fsync(fd)
 
-    def replace(src, dst):
-        events.append(("replace", str(src), str(dst)))
-        return real_replace(src, dst)
+    def recording(kind, real):
+        def call(src, dst):
+            events.append((kind, str(src), str(dst)))
+            return real(src, dst)
+        return call
 
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "replace", recording("rename", real_replace))
+    monkeypatch.setattr(os, "link", recording("rename", real_link))
     out = tmp_path / "out"
     convert(dt_class_tars(COUNTS), out, samples_per_shard=PER_SHARD, progress=False)
 
-    renamed = [e for e in events if e[0] == "replace"]
+    renamed = [e for e in events if e[0] == "rename" and not e[2].endswith(".lock")]  # a crash ends a lock anyway
     finals = {Path(dst).name for _, _, dst in renamed}
     assert {f"train-{i:06d}.tar" for i in range(22)} | {"_info.json", "_errors.jsonl", "classes.json"} <= finals
     for _, src, dst in renamed:
-        at = events.index(("replace", src, dst))
+        at = events.index(("rename", src, dst))
         assert ("fsync", src) in events[:at], f"{dst} renamed before its data was fsynced"
         assert ("fsync", str(Path(dst).parent)) in events[at + 1:], f"folder of {dst} not fsynced after the rename"
 
@@ -180,9 +185,16 @@ def test_a_shard_truncated_under_its_final_name_is_found_and_rewritten(tmp_path,
 
     assert main(args + ["--part", "1/2"]) == 0
     (out / "train-000003.tar").write_bytes(b"")
+    changed = bytearray((out / "train-000005.tar").read_bytes())
+    changed[900] ^= 0xFF  # same size: only the merge's sha256 sees it
+    (out / "train-000005.tar").write_bytes(bytes(changed))
     assert main(args + ["--merge"]) == 1
     error = capsys.readouterr().err
-    assert "1 of 22 planned shards are missing (train-000003.tar: size differs from its record)" in error
+    assert error.count("\n") == 1, error
+    assert ("2 of 22 shards differ in size or sha256 from what their part recorded (train-000003.tar, "
+            "train-000005.tar)") in error
+    assert "--part I/N rewrites the shards that do not match), then merge again" in error
+    assert not (out / "_info.json").exists()
     assert main(args + ["--part", "1/2"]) == 0 and main(args + ["--merge"]) == 0
     assert verify(out) == []
 

@@ -36,6 +36,7 @@ from data_tools import storage
 from data_tools.manifest import INFO_FILE, read_info, read_split
 from pretrain.config import ConfigError
 from pretrain.data.order import Order, default_streams
+from pretrain.data.shards import is_remote_prefix
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,6 @@ class Manifests:
 
 def _manifest_dir(spec: Any, key: str) -> Union[Path, str, None]:
     """``spec`` as a local directory or a remote prefix (its scheme readable), or None for patterns and lists."""
-    from pretrain.data.shards import is_remote_prefix
-
     if is_remote_prefix(spec):
         try:
             storage.require_backend(spec, key)
@@ -139,10 +138,7 @@ def read_manifests(data: Any) -> Manifests:
         raise ConfigError(f"data.train_shards={data.train_shards!r} must be a shard directory with {INFO_FILE} "
                           "(local, or an s3://, gs:// or https:// prefix): the train order is computed from its shard "
                           "lengths (`python -m data_tools convert` writes it)")
-    if isinstance(data.eval_shards, str) and data.eval_shards.startswith("pipe:"):
-        eval_dir = None
-    else:
-        eval_dir = _manifest_dir(data.eval_shards, "data.eval_shards")
+    eval_dir = _manifest_dir(data.eval_shards, "data.eval_shards")  # pipe: stays fine for eval (no manifest)
     return Manifests(read_manifest(train_dir, data.train_split, "train"),
                      read_manifest(eval_dir, data.eval_split, "eval") if eval_dir else None)
 

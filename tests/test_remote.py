@@ -172,6 +172,8 @@ def test_one_epoch_from_s3_fetches_each_shard_once_into_a_cache_smaller_than_the
     print(f"one epoch from s3: fetched {stream.bytes_fetched:,} bytes, trained on {stream.bytes_read:,} "
           f"({ratio:.3f}x); {per_shard:.3f}x the shards' bytes")
     assert per_shard == 1.0 and ratio <= 1.1
+    print(f"opens of a cached shard by one worker: at most {max(stream.shard_opens.values())}")
+    assert max(stream.shard_opens.values()) <= 2
     cached = sum(p.stat().st_size for p in (tmp_path / "cache" / "shards").glob("*.tar"))
     assert cached <= 8 * sizes[-1] < sum(sizes)
 

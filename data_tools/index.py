@@ -100,7 +100,7 @@ def shard_size(shard: PathLike) -> int:
 
 
 def _open_tar(shard: PathLike) -> tarfile.TarFile:
-    """Local shards seek over member data; remote ones are read front to back in one streaming GET."""
+    """Local shards seek over member data; remote ones are read front to back (``storage.open_stream``)."""
     if storage.is_remote(shard):
         return tarfile.open(fileobj=storage.open_stream(os.fspath(shard)), mode="r|")
     return tarfile.open(shard, "r:")

@@ -13,7 +13,7 @@ every split, for a SLURM array: 14.2 M images take ~12 CPU-hours to decode, an h
 on 16 cores, minutes over 16 nodes. A part checks keys only among its own shards.
 
 ``out`` may be an ``s3://``, ``gs://`` or ``https://`` prefix (``data_tools.storage``): each shard
-is then read once, front to back, in one streaming GET that feeds the sha256 and the tar
+is then read once, front to back, in one sequential read that feeds the sha256 and the tar
 reader together (local shards go the same way, one read each instead of two).
 """
 

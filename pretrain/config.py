@@ -298,6 +298,8 @@ def _order_errors(data: DataConfig, world_size: int) -> list[str]:
     """The train order's rules: ``streams`` divides the global batch, the world size divides ``streams``."""
     from pretrain.data.order import default_streams, valid_world_sizes
 
+    if data.window_samples < 0:
+        return [f"data.window_samples={data.window_samples} must be 0 (the default order) or a sample count"]
     streams = data.streams or default_streams(data.global_batch_size)
     if streams < 1 or data.global_batch_size % streams:
         return [f"data.streams={data.streams} must divide data.global_batch_size={data.global_batch_size} "

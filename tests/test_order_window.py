@@ -107,3 +107,14 @@ def test_window_mode_class_diversity_against_uniform(source: str) -> None:
         assert ours >= 0.95 * uniform
     else:
         assert ours < 0.95 * uniform  # what window mode gives up on class-sorted shards
+
+
+def test_a_negative_window_is_a_config_error() -> None:
+    from pathlib import Path
+
+    from pretrain.config import ConfigError, load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "demo.yaml",
+                      ["data.window_samples=-1"])
+    with pytest.raises(ConfigError, match=r"data.window_samples=-1 must be 0 \(the default order\) or a sample count"):
+        cfg.validate(1, check_paths=False)

@@ -4,7 +4,7 @@ Shards are split across ranks and then workers; where there are fewer shards tha
 parts, every part reads the shards and keeps every n-th sample. No padding, so ranks
 may yield different batch counts: sum correct/total counts over ranks (``all_reduce``)
 for exact top-1. Shards are read sequentially (webdataset), one open per shard; remote shards
-(``s3://``, ``gs://``, ``https://``) stream through fsspec (``data_tools.storage``), one GET each.
+(``s3://``, ``gs://``, ``https://``) stream through fsspec (``data_tools.storage``), front to back.
 """
 
 from __future__ import annotations

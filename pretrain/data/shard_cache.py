@@ -2,8 +2,8 @@
 
 Why whole shards: the train reader fetches a sample by offset and length (the sample table);
 against object storage one ranged GET per sample (~110 KB at ImageNet-21k) costs a request
-each (14.2 M requests an epoch, each with tens of ms latency), while one streaming GET of a
-1 GB shard reads it front to back at the link's rate. In window mode
+each (14.2 M requests an epoch, each with tens of ms latency), while a 1 GB shard read front to back
+takes 32 GETs of 32 MiB (``data_tools.storage.BLOCK``) at the link's rate. In window mode
 (``data.window_samples``, ``pretrain.data.order``) a stream reads one window of consecutive
 samples at a time, so the shards a node needs at once are bounded and each is fetched
 about once per node and epoch.
@@ -26,7 +26,7 @@ How:
 * ``bytes_fetched`` counts what this process downloaded.
 
 Cost at ImageNet-21k scale (1 GB shards, 14.2 M samples, 1,400 shards): an epoch downloads
-the node's share once (1.4 TB over 1 node, 175 GB each over 8), one GET a shard; the lock
+the node's share once (1.4 TB over 1 node, 175 GB each over 8), 32 GETs a shard; the lock
 and eviction scan are a few system calls per download, nothing per sample.
 """
 
@@ -39,13 +39,14 @@ import logging
 import os
 import secrets
 from pathlib import Path
+from typing import Optional
 
 from data_tools import storage
 
 log = logging.getLogger(__name__)
 
 CHUNK = 8 << 20
-"""Bytes per read of a download (one streaming GET per shard; this only sizes the copy loop)."""
+"""Bytes per read of a download's copy loop (the requests are ``data_tools.storage.BLOCK``)."""
 
 
 class ShardCache:
@@ -70,20 +71,25 @@ class ShardCache:
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
-                self._fetch(url, path, size)
-                continue
+                fd = self._fetch(url, path, size)
+                if fd is None:  # another process fetched it: open that copy
+                    continue
             fcntl.flock(fd, fcntl.LOCK_SH)
             if os.fstat(fd).st_nlink:  # not evicted between the open and the lock
                 os.utime(fd)
                 return fd
             os.close(fd)
 
-    def _fetch(self, url: str, path: Path, size: int) -> None:
+    def _fetch(self, url: str, path: Path, size: int) -> Optional[int]:
+        """Download ``url`` to ``path`` and return it open and in use; None when another process fetched it.
+
+        The copy is locked in use before its rename: another process's eviction cannot remove it
+        between the download and the first read."""
         self.locks.mkdir(parents=True, exist_ok=True)
         with open(self.locks / f"{path.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if path.is_file():  # another worker or rank of this node fetched it while we waited
-                return
+                return None
             self._make_room(size)
             tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
             try:
@@ -94,11 +100,14 @@ class ShardCache:
                 if got != size:
                     raise OSError(errno.EIO, f"{url} is {got:,} bytes, the sample table was built for {size:,}: "
                                              "the shard changed since launch; restart the run to re-check it")
+                fd = os.open(tmp, os.O_RDONLY)
+                fcntl.flock(fd, fcntl.LOCK_SH)
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
             self.bytes_fetched += size
             log.debug("fetched %s (%d bytes) into %s", url, size, path)
+            return fd
 
     def _make_room(self, incoming: int) -> None:
         """Evict copies no process has open, least recently used first, until ``incoming`` bytes fit the limit."""

@@ -25,7 +25,14 @@ same size (tar padding makes sizes repeat) names other keys there. Not caught: t
 keys, in the same places, with other bytes of the same length (a re-encode with equal
 sizes), which the manifest's sha256 (``python -m data_tools verify``) catches.
 
-Standard library only, like ``manifest``: the training stream imports it.
+Shards on object storage (``s3://``, ``gs://``, ``https://``, through ``data_tools.storage``) are
+indexed the same way: the index is read from ``<url>.idx`` when one was uploaded beside the
+shard, else built by one streaming read of the shard (``python -m data_tools index URL --out
+DIR`` writes them to DIR for an ``aws s3 sync DIR URL``); the stale check is one size from the
+listing and two ranged reads of 2 KiB.
+
+Standard library only, like ``manifest``: the training stream imports it (``storage`` imports
+fsspec on first use, for remote shards only).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
+from . import storage
 from .manifest import read_info, write_text_atomic
 
 SUFFIX = ".idx"
@@ -86,12 +94,24 @@ def index_path(shard: PathLike) -> Path:
     return Path(f"{os.fspath(shard)}{SUFFIX}")
 
 
+def shard_size(shard: PathLike) -> int:
+    """Bytes of a local or remote shard."""
+    return storage.filesystem(shard).size(shard) if storage.is_remote(shard) else os.path.getsize(shard)
+
+
+def _open_tar(shard: PathLike) -> tarfile.TarFile:
+    """Local shards seek over member data; remote ones are read front to back (``storage.open_stream``)."""
+    if storage.is_remote(shard):
+        return tarfile.open(fileobj=storage.open_stream(os.fspath(shard)), mode="r|")
+    return tarfile.open(shard, "r:")
+
+
 def build_index(shard: PathLike) -> ShardIndex:
     """Index ``shard`` by reading its tar headers; raises ``ValueError`` naming the shard if it is no tar."""
     keys: list[str] = []
     offsets, lengths = array("q"), array("q")
     try:
-        with tarfile.open(shard, "r:") as archive:
+        with _open_tar(shard) as archive:
             for member in archive:
                 parts = split_name(member.name)
                 if not member.isfile() or parts is None:
@@ -106,7 +126,7 @@ def build_index(shard: PathLike) -> ShardIndex:
     except tarfile.TarError as err:
         raise ValueError(f"{shard} is not a readable tar file ({err}); re-write it with `python -m data_tools "
                          "convert`") from err
-    return ShardIndex(keys, offsets, lengths, os.path.getsize(shard))
+    return ShardIndex(keys, offsets, lengths, shard_size(shard))
 
 
 def write_index(shard: PathLike) -> ShardIndex:
@@ -119,10 +139,12 @@ def write_index(shard: PathLike) -> ShardIndex:
 def read_index(shard: PathLike, path: PathLike | None = None) -> ShardIndex | None:
     """The index of ``shard`` stored at ``path`` (default: beside it), or None when there is none.
 
-    Not checked against the shard: ``stale_reason`` does that."""
-    path = Path(path) if path is not None else index_path(shard)
+    Not checked against the shard: ``stale_reason`` does that. A remote shard's default is ``<url>.idx``."""
+    if path is None and storage.is_remote(shard):
+        path = f"{os.fspath(shard)}{SUFFIX}"
+    path = path if isinstance(path, str) and storage.is_remote(path) else Path(path or index_path(shard))
     try:
-        text = path.read_text()
+        text = storage.read_bytes(path).decode() if isinstance(path, str) else path.read_text()
     except FileNotFoundError:
         return None
     lines = text.splitlines()
@@ -142,9 +164,12 @@ def read_index(shard: PathLike, path: PathLike | None = None) -> ShardIndex | No
 
 def _first_member_name(shard: PathLike, offset: int) -> str | None:
     """The name of the tar member whose header starts at ``offset`` (long-name and pax headers followed)."""
-    with open(shard, "rb") as f:
-        f.seek(offset)
-        head = f.read(4 * _BLOCK)
+    if storage.is_remote(shard):
+        head = storage.read_range(os.fspath(shard), offset, 4 * _BLOCK)
+    else:
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            head = f.read(4 * _BLOCK)
     try:
         with tarfile.open(fileobj=io.BytesIO(head), mode="r:") as archive:
             member = archive.next()
@@ -155,7 +180,7 @@ def _first_member_name(shard: PathLike, offset: int) -> str | None:
 
 def stale_reason(shard: PathLike, index: ShardIndex) -> str | None:
     """Why ``index`` does not describe ``shard`` (its size, or the keys at its first and last sample), or None."""
-    size = os.path.getsize(shard)
+    size = shard_size(shard)
     if index.shard_bytes != size:
         return f"the shard is {size:,} bytes, its index was built for {index.shard_bytes:,}"
     for i in sorted({0, len(index) - 1} if len(index) else set()):
@@ -187,14 +212,51 @@ def index_directory(out: PathLike, force: bool = False) -> dict[str, int]:
     return counts
 
 
+def index_remote(prefix: str, out: PathLike, force: bool = False) -> dict[str, int]:
+    """Index every shard of a remote shard directory into the local folder ``out`` (one streaming read each).
+
+    Object storage is not written: upload ``out``'s ``*.idx`` beside the shards (``aws s3 sync OUT
+    s3://BUCKET/PREFIX``, ``gsutil rsync``) and training reads them instead of indexing each shard itself.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {"built": 0, "kept": 0}
+    for split, entry in storage.read_info(prefix)["splits"].items():
+        for name, length in zip(entry["filenames"], entry["shard_lengths"]):
+            shard, local = storage.join(prefix, name), out / f"{name}{SUFFIX}"
+            index = None if force else read_index(shard, local)
+            if index is None or stale_reason(shard, index) is not None:
+                index = build_index(shard)
+                write_text_atomic(local, index.to_text())
+                counts["built"] += 1
+            else:
+                counts["kept"] += 1
+            if len(index) != length:
+                raise ValueError(f"{shard} holds {len(index)} samples but {prefix}/_info.json says {length} "
+                                 f"(split {split}): the shard or the manifest is damaged; run "
+                                 f"`python -m data_tools verify {prefix}`")
+    return counts
+
+
 def register(commands: "argparse._SubParsersAction") -> None:
-    """Add ``python -m data_tools index OUT [--force]``."""
+    """Add ``python -m data_tools index OUT [--force] [--out DIR]``."""
     command = commands.add_parser("index", help="write each shard's sample index (key, byte offset, length)")
-    command.add_argument("out", help="shard directory with _info.json")
+    command.add_argument("out", help="shard directory with _info.json, or an s3://, gs://, https:// prefix")
+    command.add_argument("--out", dest="local", help="for a remote prefix: the local folder the indexes go to "
+                                                     "(object storage is not written; upload them with aws s3 sync)")
     command.add_argument("--force", action="store_true", help="rebuild indexes that look current")
 
 
 def run(args: argparse.Namespace) -> int:
+    if storage.is_remote(args.out):
+        storage.require_backend(args.out, "the shard prefix")
+        if not args.local:
+            raise ValueError(f"{args.out} is remote and object storage is not written: give --out DIR, then "
+                             f"upload DIR's *.idx beside the shards (e.g. `aws s3 sync DIR {args.out}`)")
+        counts = index_remote(args.out, args.local, force=args.force)
+        print(f"{args.out}: {counts['built']} shard indexes written to {args.local}, {counts['kept']} already "
+              f"current; upload them beside the shards, e.g. `aws s3 sync {args.local} {args.out}`")
+        return 0
     counts = index_directory(args.out, force=args.force)
     print(f"{args.out}: {counts['built']} shard indexes written, {counts['kept']} already current")
     return 0

@@ -100,12 +100,14 @@ class DataConfig:
     """Shards, batching and augmentation of the input streams."""
 
     train_shards: Union[str, list[str]] = ""
-    """A shard directory with ``_info.json``, a brace pattern (``shards/train-{000000..000099}.tar``),
-    a ``pipe:`` URL pattern, or a list of shard paths."""
+    """A shard directory with ``_info.json``, local or on object storage (``s3://BUCKET/PREFIX``,
+    ``gs://...``, ``https://...``; extras ``vitscale[s3]``, ``[gcs]``, ``[http]``; an S3-compatible
+    endpoint through ``AWS_ENDPOINT_URL``). The train order needs ``_info.json``'s shard lengths."""
     train_split: str = "train"
     """Split read from ``_info.json`` when ``train_shards`` is a directory."""
     eval_shards: Union[str, list[str]] = ""
-    """Like ``train_shards``; empty disables evaluation."""
+    """Like ``train_shards``, or also a brace pattern (``shards/val-{000000..000009}.tar``), a list
+    of shards or a ``pipe:`` command (read front to back); empty disables evaluation."""
     eval_split: str = "val"
     global_batch_size: int = 4096
     """Images per optimizer step over all processes (DeepSpeed ``train_batch_size``)."""
@@ -128,8 +130,18 @@ class DataConfig:
     is one memory-mapped file per node, outside this bound."""
     cache_dir: str = ""
     """Node-local folder for what training derives from the shards: the train split's sample
-    table, and indexes of shards that have none beside them (a dataset folder is never written).
+    table, indexes of shards that have none beside them (a dataset folder is never written),
+    and with remote train shards the shard cache (``pretrain/data/shard_cache.py``).
     Empty: ``<tempdir>/vitscale-cache-<uid>``. One table per dataset is kept."""
+    cache_limit_bytes: int = 64 * 2**30
+    """Remote train shards: bytes of whole shards the node's cache may hold; shards no process
+    reads are evicted least recently used first. Checked before launch against the node's
+    working set (``data.window_samples``)."""
+    window_samples: int = 0
+    """Window mode of the train order (``pretrain/data/order``): each stream reads its region in
+    windows of this many consecutive samples, so a rank reads at most ``2 x streams per rank x
+    (1 + ceil((window - 1) / shortest shard))`` shards at a time (for object storage and its
+    node-local cache). 0: the default order, whole regions at once."""
     log_keys: bool = False
     """Append the ``__key__`` of every train sample to ``<run.dir>/data_keys/rank-<RANK>.jsonl``,
     one line per optimizer step."""
@@ -286,6 +298,8 @@ def _order_errors(data: DataConfig, world_size: int) -> list[str]:
     """The train order's rules: ``streams`` divides the global batch, the world size divides ``streams``."""
     from pretrain.data.order import default_streams, valid_world_sizes
 
+    if data.window_samples < 0:
+        return [f"data.window_samples={data.window_samples} must be 0 (the default order) or a sample count"]
     streams = data.streams or default_streams(data.global_batch_size)
     if streams < 1 or data.global_batch_size % streams:
         return [f"data.streams={data.streams} must divide data.global_batch_size={data.global_batch_size} "

@@ -13,6 +13,13 @@ A check is a function ``(cfg, manifests, world_size) -> None`` that raises
 ``ConfigError``; ``CHECKS`` lists them in the order they run, and the first failure
 is reported. Shard-level checks (every listed shard, its index) go there too.
 
+Object storage (``s3://``, ``gs://``, ``https://`` prefixes, ``data_tools.storage``) gets the
+same checks through one listing and the manifest's few small reads, and exits 2 with
+one line for what cannot work: a scheme whose extra is not installed (what to
+``pip install``), ``pipe:`` URLs for training (the order reads by offset), a prefix without
+``_info.json``, and a ``data.cache_limit_bytes`` below the node's working set of whole
+shards (``check_cache_holds_working_set``).
+
 Not checked: an eval batch larger than the eval split. The eval stream yields short
 last batches and ranks left without any join the others' forwards with a dummy
 image (``pretrain.evaluate``), so every eval batch size works on every split.
@@ -20,13 +27,16 @@ image (``pretrain.evaluate``), so every eval batch size works on every split.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
+from data_tools import storage
 from data_tools.manifest import INFO_FILE, read_info, read_split
 from pretrain.config import ConfigError
-from pretrain.data.order import default_streams
+from pretrain.data.order import Order, default_streams
+from pretrain.data.shards import is_remote_prefix
 
 
 @dataclass(frozen=True)
@@ -37,9 +47,10 @@ class Manifest:
     """Config key of the directory, e.g. ``data.train_shards``."""
     split_key: str
     """Config key of the split, e.g. ``data.train_split``."""
-    directory: Path
+    directory: Union[Path, str]
+    """A local folder, or a remote prefix URL."""
     split: str
-    shards: list[Path]
+    shards: list[Union[Path, str]]
     lengths: list[int]
     num_classes: Optional[int]
     """Classes of the dataset (``classes.json``, else the split's class counts); None when neither says."""
@@ -48,9 +59,14 @@ class Manifest:
     def num_samples(self) -> int:
         return sum(self.lengths)
 
+    @property
+    def remote(self) -> bool:
+        return isinstance(self.directory, str)
+
     def describe(self) -> str:
         """``split 'train' of DIR/_info.json (data.train_shards)``, for messages."""
-        return f"split {self.split!r} of {self.directory / INFO_FILE} ({self.key})"
+        info = storage.join(self.directory, INFO_FILE) if self.remote else self.directory / INFO_FILE
+        return f"split {self.split!r} of {info} ({self.key})"
 
 
 @dataclass(frozen=True)
@@ -62,26 +78,36 @@ class Manifests:
     """None without evaluation or when ``data.eval_shards`` is a pattern, a list or remote (no manifest)."""
 
 
-def _local_dir(spec: Any) -> Optional[Path]:
-    """``spec`` as a local directory, or None for patterns, lists and remote URLs."""
-    if not isinstance(spec, str) or not spec or spec.startswith("pipe:") or "://" in spec:
+def _manifest_dir(spec: Any, key: str) -> Union[Path, str, None]:
+    """``spec`` as a local directory or a remote prefix (its scheme readable), or None for patterns and lists."""
+    if is_remote_prefix(spec):
+        try:
+            storage.require_backend(spec, key)
+        except ValueError as exn:
+            raise ConfigError(str(exn)) from None
+        return spec
+    if not isinstance(spec, str) or not spec or storage.is_remote(spec):
         return None
     path = Path(spec)
     return path if path.is_dir() else None
 
 
-def _class_count(directory: Path, split: str, classes: Optional[list[str]]) -> Optional[int]:
+def _info(directory: Union[Path, str]) -> dict:
+    return storage.read_info(directory) if isinstance(directory, str) else read_info(directory)
+
+
+def _class_count(directory: Union[Path, str], split: str, classes: Optional[list[str]]) -> Optional[int]:
     if classes is not None:
         return len(classes)
-    counts = read_info(directory)["splits"][split].get("stats", {}).get("class_counts")
+    counts = _info(directory)["splits"][split].get("stats", {}).get("class_counts")
     return max(map(int, counts)) + 1 if counts else None
 
 
-def read_manifest(directory: Path, split: str, which: str) -> Manifest:
+def read_manifest(directory: Union[Path, str], split: str, which: str) -> Manifest:
     """Split ``split`` of ``directory`` for the ``which`` (``train`` / ``eval``) keys; ConfigError if unusable."""
     key, split_key = f"data.{which}_shards", f"data.{which}_split"
     try:
-        files = read_split(directory, split)
+        files = storage.read_split(directory, split) if isinstance(directory, str) else read_split(directory, split)
     except FileNotFoundError as exn:
         raise ConfigError(f"{key}={directory}: {exn}") from None
     except KeyError as exn:
@@ -101,18 +127,18 @@ def read_manifest(directory: Path, split: str, which: str) -> Manifest:
 
 def read_manifests(data: Any) -> Manifests:
     """The train and eval manifests of ``data`` (a ``DataConfig``)."""
-    train_dir = _local_dir(data.train_shards)
     spec = data.train_shards
-    if isinstance(spec, str) and (spec.startswith("pipe:") or "://" in spec):
-        raise ConfigError(f"data.train_shards={spec!r}: training reads samples by byte offset from a file system "
-                          "(local disk or a parallel file system); pipe: and object-storage URLs are not supported "
-                          "for training yet: copy the shard directory first (e.g. `aws s3 sync s3://BUCKET/PREFIX "
-                          "DIR`) and point data.train_shards at DIR")
+    if isinstance(spec, str) and spec.startswith("pipe:"):
+        try:
+            storage.require_backend(spec, "data.train_shards")
+        except ValueError as exn:
+            raise ConfigError(str(exn)) from None
+    train_dir = _manifest_dir(spec, "data.train_shards")
     if train_dir is None:
-        raise ConfigError(f"data.train_shards={data.train_shards!r} must be a shard directory with {INFO_FILE}: "
-                          "the train order is computed from its shard lengths (`python -m data_tools convert` "
-                          "writes it)")
-    eval_dir = _local_dir(data.eval_shards)
+        raise ConfigError(f"data.train_shards={data.train_shards!r} must be a shard directory with {INFO_FILE} "
+                          "(local, or an s3://, gs:// or https:// prefix): the train order is computed from its shard "
+                          "lengths (`python -m data_tools convert` writes it)")
+    eval_dir = _manifest_dir(data.eval_shards, "data.eval_shards")  # pipe: stays fine for eval (no manifest)
     return Manifests(read_manifest(train_dir, data.train_split, "train"),
                      read_manifest(eval_dir, data.eval_split, "eval") if eval_dir else None)
 
@@ -123,7 +149,11 @@ def read_manifests(data: Any) -> Manifests:
 def check_shards_exist(cfg: Any, manifests: Manifests, world_size: int) -> None:
     """Every shard a manifest lists is on disk (a partial copy fails here, not in a loader worker)."""
     for manifest in filter(None, (manifests.train, manifests.eval)):
-        missing = [path for path in manifest.shards if not path.is_file()]
+        if manifest.remote:
+            found = storage.versions([str(url) for url in manifest.shards], missing_ok=True)
+            missing = [url for url in manifest.shards if url not in found]
+        else:
+            missing = [path for path in manifest.shards if not path.is_file()]
         if missing:
             raise ConfigError(f"{manifest.key}: {len(missing)} of {len(manifest.shards)} shards of "
                               f"{manifest.describe()} do not exist, first {missing[0]}: copy them there or re-run "
@@ -165,14 +195,47 @@ def check_train_indexes(cfg: Any, manifests: Manifests, world_size: int) -> None
     train = manifests.train
     try:
         sample_table([str(path) for path in train.shards], train.lengths, cfg.data.cache_dir)
-    except ValueError as exn:  # StaleIndexError, or a shard that is no readable tar (data_tools.index)
+    except (ValueError, OSError) as exn:  # StaleIndexError, or a shard that is no readable tar (data_tools.index)
         raise ConfigError(f"data.train_shards: {exn}") from None
+
+
+def ranks_per_node(world_size: int) -> int:
+    """Ranks sharing a node's cache: torchrun's ``LOCAL_WORLD_SIZE``, SLURM's tasks per node, else all ranks."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(name, "").split("(")[0]
+        if value.isdigit():
+            return min(world_size, int(value))
+    return world_size
+
+
+def check_cache_holds_working_set(cfg: Any, manifests: Manifests, world_size: int) -> None:
+    """Remote train shards: ``data.cache_limit_bytes`` holds the node's working set of whole shards.
+
+    Working set: ranks of the node x ``Order.rank_shard_bound`` (every shard of the rank's
+    regions with ``data.window_samples=0``; two windows per stream in window mode) x the largest
+    shard. Below it the cache would evict shards still to be read and fetch them again.
+    """
+    train, data = manifests.train, cfg.data
+    if not train.remote:
+        return
+    order = Order(train.lengths, data.global_batch_size, data.streams or default_streams(data.global_batch_size),
+                  0, data.window_samples)  # the seed moves no bound
+    largest = max(size for size, _ in storage.versions([str(url) for url in train.shards]).values())
+    ranks = ranks_per_node(world_size)
+    shards = min(len(train.shards), ranks * order.rank_shard_bound(world_size))
+    need = shards * largest
+    if need > data.cache_limit_bytes:
+        raise ConfigError(f"data.cache_limit_bytes={data.cache_limit_bytes} is less than the {need} bytes the node's "
+                          f"{ranks} ranks may read at once ({shards} shards of up to {largest} bytes): raise it, or set"
+                          f" data.window_samples (now {data.window_samples}) to bound the shards each stream reads at "
+                          "once (pretrain/data/order)")
 
 
 CHECKS: tuple[Callable[[Any, Manifests, int], None], ...] = (
     check_shards_exist,
     check_train_fills_a_batch,
     check_num_classes,
+    check_cache_holds_working_set,
     check_train_indexes,
 )
 """Run in this order by ``preflight``; add a check here."""

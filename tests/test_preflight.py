@@ -65,7 +65,8 @@ def test_demo_recipe_passes_and_reads_both_manifests(demo_shards: Path) -> None:
     assert manifests.train.num_samples == DEMO_TRAIN and manifests.train.num_classes == 10
     assert manifests.eval is not None and manifests.eval.num_samples == DEMO_VAL and manifests.eval.split == "val"
     assert [check.__name__ for check in CHECKS] == ["check_shards_exist", "check_train_fills_a_batch",
-                                                    "check_num_classes", "check_train_indexes"]
+                                                    "check_num_classes", "check_cache_holds_working_set",
+                                                    "check_train_indexes"]
 
 
 @pytest.mark.parametrize("batch, streams, ok", [

@@ -3,7 +3,8 @@
 Shards are split across ranks and then workers; where there are fewer shards than
 parts, every part reads the shards and keeps every n-th sample. No padding, so ranks
 may yield different batch counts: sum correct/total counts over ranks (``all_reduce``)
-for exact top-1. Shards are read sequentially (webdataset), one open per shard.
+for exact top-1. Shards are read sequentially (webdataset), one open per shard; remote shards
+(``s3://``, ``gs://``, ``https://``) stream through fsspec (``data_tools.storage``), front to back.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from data_tools import storage
 from pretrain.config import DataConfig
 from pretrain.data.samples import CorruptLog, collate, decode_sample, loader
 from pretrain.data.shards import resolve_shards
@@ -32,6 +34,16 @@ def _warn_and_continue(exn: Exception) -> bool:
     """webdataset handler: an unreadable shard or member is logged and skipped."""
     log.warning("skipping unreadable shard data: %r", exn)
     return True
+
+def _open_shards(urls: list[str]) -> Iterator[dict]:
+    """webdataset's url_opener, with URL schemes it has no reader for opened through fsspec."""
+    for url in urls:
+        try:
+            fsspec_url = storage.is_remote(url) and not url.startswith(("pipe:", "file:"))
+            yield {"url": url, "stream": storage.open_stream(url) if fsspec_url else wds.gopen(url)}
+        except Exception as exn:  # noqa: BLE001 - webdataset's handler contract: any read error skips the shard
+            _warn_and_continue(exn)
+
 
 @dataclass(frozen=True)
 class _Part:
@@ -58,7 +70,8 @@ class _EvalDataset(IterableDataset):
         part = self.part.split(info.id, info.num_workers) if info else self.part
         transform = build_eval_transform(self.cfg, self.img_size)
         corrupt = CorruptLog()
-        raw = wds.tarfile_to_samples(handler=_warn_and_continue)(iter([{"url": u} for u in part.urls]))
+        files = wds.tariterators.tar_file_expander(_open_shards(part.urls), handler=_warn_and_continue)
+        raw = wds.tariterators.group_by_keys(files, handler=_warn_and_continue)
         mine = itertools.islice(raw, part.res, None, part.mod)
         while True:
             before = corrupt.count

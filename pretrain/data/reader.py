@@ -20,6 +20,11 @@ Cost per worker and epoch, at every world size:
 
 ``bytes_read`` counts the sample bytes read (the measure of resume cost); ``opened`` lists
 the shards opened since the caller last emptied it.
+
+Remote shards (``CachedShardReader``): the same reads, on the node's local copies
+(``pretrain.data.shard_cache``); an open fetches a shard the node lacks, and the descriptors
+kept are capped at the rank's working set (``Order.rank_shard_bound``), so the copies of
+shards the order is done with are released for eviction.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import numpy as np
 
 from data_tools.index import split_name
 from pretrain.data.sample_table import SampleTable
+from pretrain.data.shard_cache import ShardCache
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,11 @@ class ShardReader:
         self.opened: list[int] = []
         self._entries: Optional[np.ndarray] = None
         self._files: OrderedDict[int, int] = OrderedDict()
+
+    @property
+    def bytes_fetched(self) -> int:
+        """Bytes this process fetched from remote storage (none: local shards are read in place)."""
+        return 0
 
     def locate(self, shard: int, index: int) -> tuple[int, int]:
         """(byte offset, length) of sample ``index`` of ``shard``."""
@@ -124,3 +135,19 @@ class ShardReader:
         for fd in self._files.values():
             self._close(fd)
         self._files.clear()
+
+
+class CachedShardReader(ShardReader):
+    """Remote shards (``table.versions``), read by offset from their copies in the node's ``cache``."""
+
+    def __init__(self, urls: Sequence[str], table: SampleTable, cache: ShardCache, max_open: int):
+        super().__init__(urls, table, max_open)
+        self.cache = cache
+
+    @property
+    def bytes_fetched(self) -> int:
+        return self.cache.bytes_fetched
+
+    def _open(self, path: str) -> int:
+        size, version = self.table.versions[path]
+        return self.cache.open(path, version, size)

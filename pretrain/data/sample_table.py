@@ -24,6 +24,13 @@ name holds a hash of the shard paths and of every shard's and index's (size, mti
 inode): a rewritten or swapped shard gives a new table, checked again. Older tables of
 the same shard list are removed when a new one is written, so the cache holds one table
 per dataset. Processes of one node building at once take turns on a lock file.
+
+Remote shards (``s3://``, ``gs://``, ``https://``): the index is ``<url>.idx`` when one was
+uploaded, else built by one streaming read of the shard into ``<cache>/indexes/`` (logged; at
+ImageNet-21k scale that is a download of the dataset, so ``python -m data_tools index URL
+--out DIR`` and an upload are worth it). The state hash takes each shard's size and ETag (or
+mtime) from one listing of the prefix, and the table carries them to the shard cache, whose
+copies are named by them (``pretrain.data.shard_cache``).
 """
 
 from __future__ import annotations
@@ -35,10 +42,11 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
+from data_tools import storage
 from data_tools.index import SUFFIX, ShardIndex, build_index, index_path, read_index, stale_reason
 from data_tools.manifest import atomic_writer, write_text_atomic
 
@@ -61,16 +69,20 @@ def _path_hash(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
+def _absolute(url: str) -> str:
+    return url if storage.is_remote(url) else os.path.abspath(url)
+
+
 def cached_index_path(shard: str, cache: Path) -> Path:
     """Where a shard's index built by training lives: the cache, never the dataset folder."""
-    return cache / "indexes" / f"{_path_hash(os.path.abspath(shard))}-{Path(shard).name}{SUFFIX}"
+    return cache / "indexes" / f"{_path_hash(_absolute(shard))}-{shard.rsplit('/', 1)[-1]}{SUFFIX}"
 
 
 def check_index(shard: str, expected: int, cache: Path) -> ShardIndex:
     """The checked index of ``shard`` (beside it, else in ``cache``, else built into ``cache``)."""
     beside = read_index(shard)
     if beside is not None:
-        index, where = beside, index_path(shard)
+        index, where = beside, f"{shard}{SUFFIX}"
     else:
         cached = cached_index_path(shard, cache)
         index, where = read_index(shard, cached), cached
@@ -81,12 +93,15 @@ def check_index(shard: str, expected: int, cache: Path) -> ShardIndex:
             cached.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(cached, index.to_text())
     reason = stale_reason(shard, index)
+    folder = shard.rsplit("/", 1)[0]
     if reason is not None:
-        raise StaleIndexError(f"{where} is stale: {reason}; rebuild it with `python -m data_tools index --force "
-                              f"{Path(shard).parent}` (or rewrite the shard if it is the damaged one)")
+        fix = (f"`python -m data_tools index --force {folder} --out DIR` and upload DIR's indexes beside the shards"
+               if storage.is_remote(shard) else f"`python -m data_tools index --force {folder}`")
+        raise StaleIndexError(f"{where} is stale: {reason}; rebuild it with {fix} (or rewrite the shard if it is "
+                              "the damaged one)")
     if len(index) != expected:
         raise StaleIndexError(f"{shard} holds {len(index)} samples but _info.json says {expected}: the shard or the "
-                              f"manifest is damaged; run `python -m data_tools verify {Path(shard).parent}`")
+                              f"manifest is damaged; run `python -m data_tools verify {folder}`")
     return index
 
 
@@ -99,15 +114,20 @@ class SampleTable:
     """First sample id of each shard (manifest order)."""
     counts: np.ndarray
     """Samples in each shard."""
+    versions: Optional[dict[str, tuple[int, str]]] = None
+    """Remote shards: (size, version) of each, as the table was built for (the shard cache's keys)."""
 
     def entries(self) -> np.ndarray:
         """The (offset, length) records, memory-mapped: open it in the process that reads (after fork)."""
         return np.load(self.path, mmap_mode="r")
 
 
-def _state_hash(urls: Sequence[str]) -> str:
+def _state_hash(urls: Sequence[str], versions: Optional[dict[str, tuple[int, str]]]) -> str:
     """Changes when any shard or its index beside it is rewritten, replaced or touched."""
     digest = hashlib.blake2b(digest_size=8)
+    if versions is not None:
+        digest.update(repr(sorted(versions.items())).encode())
+        return digest.hexdigest()
     for url in urls:
         for path in (url, index_path(url)):
             try:
@@ -123,9 +143,13 @@ def sample_table(urls: Sequence[str], lengths: Sequence[int], cache_dir: str = "
     cache = cache_root(cache_dir)
     counts = np.asarray(lengths, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    dataset = _path_hash("\n".join(os.path.abspath(u) for u in urls))
-    path = cache / "tables" / f"{dataset}-{_state_hash(urls)}.npy"
-    table = SampleTable(path, starts, counts)
+    dataset = _path_hash("\n".join(_absolute(u) for u in urls))
+    versions = None
+    if any(storage.is_remote(u) for u in urls):
+        versions = storage.versions(list(urls))
+        versions.update(storage.versions([f"{u}{SUFFIX}" for u in urls], missing_ok=True))
+    path = cache / "tables" / f"{dataset}-{_state_hash(urls, versions)}.npy"
+    table = SampleTable(path, starts, counts, versions)
     if path.is_file():
         return table
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -39,8 +39,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pretrain.config import DataConfig
 from pretrain.data.decode import EncodedBatch, build_encoded_crop, collate_encoded, finish_batch
 from pretrain.data.order import Order
-from pretrain.data.reader import CorruptSampleError, ShardReader
-from pretrain.data.sample_table import SampleTable, sample_table
+from pretrain.data.reader import CachedShardReader, CorruptSampleError, ShardReader
+from pretrain.data.sample_table import SampleTable, cache_root, sample_table
+from pretrain.data.shard_cache import ShardCache
 from pretrain.data.samples import CorruptLog, collate, decode_sample, derive_seed, loader
 from pretrain.data.shards import train_data
 from pretrain.data.transforms import build_train_transform
@@ -57,9 +58,10 @@ WORKER_RESERVE_MB = 64
 """Per worker, besides its decoded batches: one encoded sample (an i21k sample is ~110 KB) and
 decode buffers."""
 
-TrainBatch = tuple[torch.Tensor | EncodedBatch, torch.Tensor, int, list[str], int, int, list[int]]
+TrainBatch = tuple[torch.Tensor | EncodedBatch, torch.Tensor, int, list[str], int, int, list[int], int]
 """Images uint8 (B, 3, H, W) (encoded with ``data.decode=gpu``), labels int64 (B,), corrupt samples
-replaced, keys used, bytes read, the worker that built it, the shards it opened for it."""
+replaced, keys used, bytes read, the worker that built it, the shards it opened for it, bytes it
+fetched from remote storage for it."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,8 @@ class _Plan:
         return self.cfg.global_batch_size // (self.cfg.micro_batch_size * self.world_size)
 
     def order(self) -> Order:
-        return Order(np.asarray(self.lengths), self.cfg.global_batch_size, self.streams, self.seed)
+        return Order(np.asarray(self.lengths), self.cfg.global_batch_size, self.streams, self.seed,
+                     self.cfg.window_samples)
 
 
 class _Builder:
@@ -117,7 +120,7 @@ class _Builder:
 
     def __init__(self, plan: _Plan, worker: int = 0):
         self.plan, self.order, self.worker = plan, plan.order(), worker
-        self.reader = ShardReader(plan.urls, plan.table)
+        self.reader = _reader(plan, self.order)
         self.transform, self.collate = _worker_steps(plan.cfg, plan.img_size)
         self.corrupt = CorruptLog()
         self.epoch = -1
@@ -131,7 +134,7 @@ class _Builder:
             self.reader.close()  # another epoch, other regions: other shards
         slots = self.order.micro_slots(self.plan.rank, self.plan.world_size, self.plan.cfg.micro_batch_size, k)
         shards, indices = self.order.locate(self.order.samples(epoch, step, slots))
-        before, read_before = self.corrupt.count, self.reader.bytes_read
+        before, read_before, fetched_before = self.corrupt.count, self.reader.bytes_read, self.reader.bytes_fetched
         out, keys = [], []
         with torch.random.fork_rng(devices=[]):
             for slot, shard, index in zip(slots.tolist(), shards.tolist(), indices.tolist()):
@@ -146,7 +149,7 @@ class _Builder:
         images, labels = self.collate(out)
         opened, self.reader.opened = self.reader.opened, []
         return (images, labels, self.corrupt.count - before, keys, self.reader.bytes_read - read_before,
-                self.worker, opened)
+                self.worker, opened, self.reader.bytes_fetched - fetched_before)
 
     def _replacement(self, epoch: int, step: int, slot: int, attempt: int) -> tuple[int, int]:
         if attempt >= MAX_CORRUPT_DRAWS:
@@ -166,6 +169,15 @@ class _Builder:
             return None, key
         torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed costs 100x more
         return decode_sample(raw, self.transform, self.corrupt), raw["__key__"]
+
+
+def _reader(plan: _Plan, order: Order) -> ShardReader:
+    """Local shards are read in place; remote ones through the node's shard cache, keeping descriptors (and so
+    cached copies in use) for at most the rank's working set of shards."""
+    if plan.table.versions is None:
+        return ShardReader(plan.urls, plan.table)
+    cache = ShardCache(cache_root(plan.cfg.cache_dir), plan.cfg.cache_limit_bytes)
+    return CachedShardReader(plan.urls, plan.table, cache, order.rank_shard_bound(plan.world_size))
 
 
 def _worker_steps(cfg: DataConfig, img_size: int) -> tuple[Callable, Callable]:
@@ -216,8 +228,9 @@ class TrainStream:
     """Iterator over ``(images uint8 (B,3,H,W), labels int64 (B,))``, infinite across epochs.
 
     ``position()`` counts exactly the micro-batches handed out (not those prefetched).
-    ``last_keys`` are the keys of the last batch; ``corrupt_samples`` and ``bytes_read``
-    add up what the handed-out batches met and read; ``shard_opens`` counts the opens of
+    ``last_keys`` are the keys of the last batch; ``corrupt_samples``, ``bytes_read`` and
+    ``bytes_fetched`` (from remote storage into the node's shard cache, by this rank's workers)
+    add up what the handed-out batches met, read and fetched; ``shard_opens`` counts the opens of
     each shard by each worker, ``(worker, shard) -> opens`` (at most workers x shards entries).
     """
 
@@ -227,6 +240,7 @@ class TrainStream:
         self.img_size, self.device = plan.img_size, device
         self.corrupt_samples = 0
         self.bytes_read = 0
+        self.bytes_fetched = 0
         self.shard_opens: Counter[tuple[int, int]] = Counter()
         self.last_keys: list[str] = []
         self._next = start
@@ -251,10 +265,11 @@ class TrainStream:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None:
             self._iter = iter(self._loader)
-        images, labels, corrupt, keys, read, worker, opened = next(self._iter)
+        images, labels, corrupt, keys, read, worker, opened, fetched = next(self._iter)
         self._next += 1
         self.corrupt_samples += corrupt
         self.bytes_read += read
+        self.bytes_fetched += fetched
         self.shard_opens.update((worker, shard) for shard in opened)
         self.last_keys = keys
         if isinstance(images, EncodedBatch) and self.device is not None:

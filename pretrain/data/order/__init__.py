@@ -34,6 +34,26 @@ The design, and why:
   diversity even on a class-sorted source once ``b`` is small next to the classes of
   a region (measured in ``tests/test_order.py``).
 
+* **Window mode** (``window > 0``, ``data.window_samples``), for shards on object storage.
+  Above, a stream is at every position of its region all epoch, so a rank's working set
+  is every shard of its regions (``S / W + C / W`` of them), which a node-local cache of
+  whole shards would have to hold at once. In window mode stream ``c`` cuts its region
+  into windows of ``M = window`` consecutive samples and visits them one after the other,
+  each in a keyed pseudo-random order (position ``j`` is in window ``j // M``), so at any
+  step it reads within one window (two while a step or the loader's lookahead crosses a
+  window's end): ``stream_shard_bound()`` shards at most. Odd streams walk their region
+  from its end, so a shard cut by the boundary of regions ``c`` and ``c + 1`` is read by both
+  streams in the same few steps (both at the start or both at the end of the epoch) and a
+  node fetches it once. Everything exact stays: keys of step ``t`` are a function of
+  (manifest, seed, global batch, streams, window, ``t``), ranks take whole streams, every
+  sample once per epoch; only shuffle quality changes: a step's ``b`` samples of a stream
+  come from ``M`` consecutive samples instead of ``R``. On shards written by ``data_tools
+  convert`` (shuffled across shards) that costs nothing measurable; on class-sorted shards a
+  window holds few classes (``benchmarks/window_shuffle.py``). At ImageNet-21k scale with
+  ``C = 64`` (8 nodes of 8 GPUs, one stream per rank: ``b = 64``), ``M = 10,000`` samples (one
+  1 GB shard), a rank's working set is 2 windows x 3 shards = 6 GB, a node's 48 GB.
+  ``window = 0`` is the order above, bit for bit.
+
 Cost at full scale (ImageNet-21k: N = 14.2 M, S = 1,400 shards, B = C = 4096, 512
 ranks x 8 workers): one step is the shard permutation and prefix sums (S integers),
 B Feistel evaluations (6 rounds of a 64-bit mix, < 4 cycle-walking passes on average)
@@ -116,9 +136,11 @@ def valid_world_sizes(streams: int, global_batch: int, micro_batch: int) -> list
             if streams % w == 0 and micro_batch > 0 and global_batch % (micro_batch * w) == 0]
 
 
-def plan_hash(names: Sequence[str], lengths: Sequence[int], global_batch: int, streams: int) -> str:
-    """Identifies everything but the seed that the order depends on (saved in checkpoints)."""
-    text = json.dumps([list(names), [int(n) for n in lengths], global_batch, streams])
+def plan_hash(names: Sequence[str], lengths: Sequence[int], global_batch: int, streams: int, window: int = 0) -> str:
+    """Identifies everything but the seed that the order depends on (saved in checkpoints).
+
+    ``window`` enters only when set, so plans of the default order keep the hash they had."""
+    text = json.dumps([list(names), [int(n) for n in lengths], global_batch, streams] + ([window] if window else []))
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
@@ -133,6 +155,8 @@ class Order:
     global_batch: int
     streams: int
     seed: int
+    window: int = 0
+    """``M``: samples per window of a stream's region (window mode); 0: the whole region at once."""
     starts: np.ndarray = field(init=False, repr=False)
     _layouts: dict = field(init=False, repr=False, compare=False)
 
@@ -145,6 +169,8 @@ class Order:
         object.__setattr__(self, "_layouts", {})
         if self.streams < 1 or self.global_batch % self.streams:
             raise ValueError(f"data.streams={self.streams} must divide data.global_batch_size={self.global_batch}")
+        if self.window < 0:
+            raise ValueError(f"data.window_samples={self.window} must be 0 (off) or a sample count")
         if self.steps_per_epoch < 1:
             raise ValueError(f"the {self.num_samples} train samples are fewer than one global batch of "
                              f"{self.global_batch}: lower data.global_batch_size")
@@ -207,8 +233,45 @@ class Order:
 
     def _ids(self, epoch: int, stream: np.ndarray, position: np.ndarray) -> np.ndarray:
         keys = _mix(np.asarray(stream, dtype=np.uint64) ^ _U64(hash_key(self.seed, epoch, "streams")))
-        concatenated = stream * self.region + feistel_permute(position, self.region, keys)
-        return self._from_concatenated(epoch, concatenated)
+        if self.window:
+            within = self._windowed(np.asarray(stream), np.asarray(position), keys)
+        else:
+            within = feistel_permute(position, self.region, keys)
+        return self._from_concatenated(epoch, stream * self.region + within)
+
+    def _windowed(self, stream: np.ndarray, position: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """Region offsets of stream positions in window mode: window ``j // M`` in a keyed order of its own,
+        walked from the region's start on even streams and from its end on odd ones."""
+        stream, position = np.broadcast_arrays(stream, position)
+        keys = np.broadcast_to(keys, position.shape)
+        window, offset = np.divmod(position, self.window)
+        start = window * self.window
+        keys = _mix(keys ^ _mix(window.astype(np.uint64) + _U64(0x632BE59BD9B4E019)))
+        within = np.empty(position.shape, dtype=np.int64)
+        last = start + self.window > self.region  # the region's last window, shorter than M
+        full = ~last
+        within[full] = start[full] + feistel_permute(offset[full], self.window, keys[full])
+        if last.any():
+            tail = self.region - int(start[last].flat[0])
+            within[last] = start[last] + feistel_permute(offset[last], tail, keys[last])
+        return np.where(stream % 2 == 1, self.region - 1 - within, within)
+
+    def stream_shard_bound(self) -> int:
+        """Most shards one stream reads within one window (window mode) or over the epoch (``window = 0``).
+
+        ``M`` consecutive samples span at most ``1 + ceil((M - 1) / L)`` shards holding samples, with
+        ``L`` the shortest such shard; a rank's working set is at most twice this per stream it
+        holds (``rank_shard_bound``), twice for a window's end inside a step or the loader's lookahead.
+        """
+        span = self.window if self.window else self.region
+        shortest = int(self.lengths[self.lengths > 0].min())
+        return min(int(np.count_nonzero(self.lengths)), 1 + -(-(span - 1) // shortest))
+
+    def rank_shard_bound(self, world_size: int) -> int:
+        """Most shards a rank of ``world_size`` reads at any one time (its whole share when ``window = 0``)."""
+        streams = self.streams // world_size
+        held = streams * self.stream_shard_bound() * (2 if self.window else 1)
+        return min(int(np.count_nonzero(self.lengths)), held)
 
     def _from_concatenated(self, epoch: int, positions: np.ndarray) -> np.ndarray:
         """Sample ids of positions in ``epoch``'s concatenation of permuted shards."""

@@ -7,9 +7,10 @@ the preemption flag. What is finetune-specific lives in ``finetune.load``
 
 Resume order (big_vision's): a complete checkpoint in the run directory wins;
 otherwise the model starts from ``init`` with a fresh head. A checkpoint is
-``accelerator.save_state`` (weights, optimizer, schedule, per-process RNG) in
-``checkpoints/step_N/`` plus ``trainer_state.json`` (step, samples, stream
-position, resolved config), committed with the shared complete-marker protocol.
+``accelerator.save_state`` (weights, optimizer, schedule) in ``checkpoints/step_N/``
+plus each process' RNG (its own GPU's only, ``pretrain.checkpoint.save_rng``, so a
+resume on another GPU layout works) and ``trainer_state.json`` (step, samples,
+stream position, resolved config), committed with the shared complete-marker protocol.
 
 Why ``accumulate()`` and Accelerate's optimizer wrapper rather than a hand-rolled
 ``no_sync``: the same loop then runs under the DeepSpeed plugin, where the
@@ -30,10 +31,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils.constants import RNG_STATE_NAME
 from PIL import Image
 
 from data_tools.manifest import write_text_atomic
-from pretrain.checkpoint import CheckpointDir, check_shapes, param_shapes, save_collective
+from pretrain.checkpoint import (CheckpointDir, check_shapes, load_rng, param_shapes, save_collective, save_rng,
+                                 set_rng_state)
 from pretrain.config import ConfigError, config_to_dict, dump_config
 from pretrain.data.eval_stream import build_eval_stream
 from pretrain.data.train_stream import StreamPosition, TrainStream, build_train_stream
@@ -169,12 +172,34 @@ def input_dtype(accelerator: Accelerator, model: Any) -> torch.dtype:
 
 
 def restore(parts: Parts, checkpoint_path: Path, meta: dict[str, Any]) -> TrainerState:
-    """Load Accelerate's state (weights, optimizer, schedule, RNG) and our trainer state."""
+    """Load Accelerate's state (weights, optimizer, schedule), this process' RNG and our trainer state."""
     check_shapes(meta.get("param_shapes", {}), param_shapes(parts.accelerator.unwrap_model(parts.model)),
                  checkpoint_path)
     parts.accelerator.load_state(str(checkpoint_path))
+    restore_rng(parts.accelerator, checkpoint_path)
     saved = json.loads((checkpoint_path / TRAINER_STATE).read_text())
     return TrainerState(**saved["state"])
+
+
+def restore_rng(acc: Accelerator, checkpoint_path: Path) -> None:
+    """Set this process' generators from the checkpoint, over what ``load_state`` set.
+
+    Why not Accelerate's: its state file holds one CUDA state per visible GPU
+    (``get_rng_state_all``) and ``load_state`` restores them with ``set_rng_state_all``
+    inside a ``try`` that only logs "Could not load random states" at info level: on
+    fewer visible GPUs than the writer had, the CUDA generators stay unrestored, and with
+    all GPUs visible after one-GPU tasks, device 0 gets the state and this process' device
+    keeps its own. ``save`` writes this process' own device state next to it
+    (``pretrain.checkpoint.save_rng``); checkpoints written before that are read from
+    Accelerate's file with the same choice of entry (``pretrain.checkpoint.own_cuda_state``).
+    """
+    if load_rng(checkpoint_path):
+        return
+    accelerate_file = checkpoint_path / f"{RNG_STATE_NAME}_{acc.process_index}.pkl"
+    if accelerate_file.is_file():
+        states = torch.load(accelerate_file, weights_only=False)
+        set_rng_state({"python": states["random_state"], "numpy": states["numpy_random_seed"],
+                       "torch": states["torch_manual_seed"], "cuda": states.get("torch_cuda_manual_seed")})
 
 
 # -------------------------------------------------------------------- step
@@ -215,6 +240,7 @@ def save(parts: Parts, cfg: FinetuneConfig, state: TrainerState, ckdir: Checkpoi
 
     def write(path: Path) -> None:
         acc.save_state(str(path))
+        save_rng(path)
         if acc.is_main_process:
             payload = {"state": asdict(state), "config": config_to_dict(cfg)}
             write_text_atomic(path / TRAINER_STATE, json.dumps(payload, indent=1))

@@ -35,6 +35,7 @@ from accelerate.utils.constants import RNG_STATE_NAME
 from PIL import Image
 
 from data_tools.manifest import write_text_atomic
+from pretrain import collective
 from pretrain.checkpoint import (CheckpointDir, check_shapes, load_rng, param_shapes, save_collective, save_rng,
                                  set_rng_state)
 from pretrain.config import ConfigError, config_to_dict, dump_config
@@ -310,7 +311,8 @@ def record(run: Run, loss: torch.Tensor, norm: Optional[float], data_time: float
     run.throughput.add(cfg.data.global_batch_size, step_time, data_time)
     if state.step % cfg.logging.every_steps and state.step != cfg.schedule.total_steps:
         return
-    scalars = {"train/loss": float(acc.reduce(loss, "mean")), "train/lr": run.parts.scheduler.get_last_lr()[0],
+    mean_loss = collective.sum_values([float(loss)])[0] / acc.num_processes
+    scalars = {"train/loss": mean_loss, "train/lr": run.parts.scheduler.get_last_lr()[0],
                "perf/mem_gb": memory_gb(acc.device), **run.throughput.report()}
     if norm is not None:
         scalars["train/grad_norm"] = norm

@@ -24,6 +24,7 @@ import logging
 import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,7 +43,7 @@ from pretrain.config import ConfigError, config_to_dict, dump_config
 from pretrain.data.eval_stream import build_eval_stream
 from pretrain.data.train_stream import StreamPosition, TrainStream, build_train_stream
 from pretrain.data.transforms import BatchPreprocessor
-from pretrain.distributed import DistEnv, join
+from pretrain.distributed import DistEnv, join, log_nccl
 from pretrain.engine import grad_accum_steps
 from pretrain.evaluate import EvalResult, evaluate_model
 from pretrain.flops import flops_per_image
@@ -118,13 +119,22 @@ def join_job() -> DistEnv:
 
 
 def build_accelerator(cfg: FinetuneConfig, accum: int) -> Accelerator:
-    """DDP (CPU or GPU) or the DeepSpeed plugin; the schedule is stepped by us, once per optimizer step."""
+    """DDP (CPU or GPU) or the DeepSpeed plugin; the schedule is stepped by us, once per optimizer step.
+
+    The process group Accelerate starts gets ``distributed.timeout_min`` on every backend
+    (Accelerate's own default is 10 min under NCCL). With the DeepSpeed plugin on CPU its
+    backend is named too: the plugin is ignored with ``cpu=True`` and needs gloo (FACTS.md);
+    elsewhere Accelerate picks it (a named backend would make one process start a group).
+    """
     on_cpu = not torch.cuda.is_available()
+    backend = {"backend": "gloo"} if on_cpu and cfg.accelerate.zero_stage is not None else {}
+    group = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.distributed.timeout_min), **backend)
     kwargs: dict[str, Any] = dict(
         mixed_precision=cfg.accelerate.mixed_precision,
         gradient_accumulation_steps=accum,
         step_scheduler_with_optimizer=False,
         dynamo_backend="inductor" if cfg.model.compile else "no",
+        kwargs_handlers=[group],
     )
     if cfg.accelerate.zero_stage is None:
         return Accelerator(cpu=on_cpu, **kwargs)
@@ -133,9 +143,7 @@ def build_accelerator(cfg: FinetuneConfig, accum: int) -> Accelerator:
     # No dataloader goes through prepare(), so the batch sizes cannot be "auto".
     plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.data.micro_batch_size,
                                    train_batch_size=cfg.data.global_batch_size)
-    # On CPU the plugin is ignored with cpu=True; it needs an explicit gloo group instead (FACTS.md).
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
-    return Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers, **kwargs)
+    return Accelerator(deepspeed_plugin=plugin, **kwargs)
 
 
 def setup(cfg: FinetuneConfig, env: DistEnv, resume_from: Optional[Path]) -> Parts:
@@ -327,6 +335,7 @@ def start(cfg: FinetuneConfig, flag: PreemptionFlag) -> Run:
     ckdir = CheckpointDir(cfg.run.path / "checkpoints")
     latest = ckdir.find() if cfg.checkpoint.resume else None
     parts = setup(cfg, env, latest.path if latest else None)
+    log_nccl(env)
     acc = parts.accelerator
     state = restore(parts, latest.path, latest.meta) if latest else TrainerState()
     if acc.is_main_process:

@@ -359,7 +359,8 @@ def loop(run: Run) -> int:
         return EXIT_PREEMPTED
     stopwatch, step_clock = Stopwatch(), Stopwatch()
     while state.step < cfg.schedule.total_steps:
-        # --- one optimizer step
+        # --- one optimizer step, timed alone: evaluation and checkpoints stay out of the throughput
+        step_clock.restart()
         loss, norm, data_time = train_step(run.parts, run.stream, stopwatch)
         record(run, loss, norm, data_time, step_clock.lap())
         if state.nonfinite_in_a_row >= cfg.optim.max_nonfinite_steps:

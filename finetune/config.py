@@ -21,6 +21,7 @@ from pretrain.config import (
     CheckpointConfig,
     ConfigError,
     DataConfig,
+    DistributedConfig,
     EvalConfig,
     LoggingConfig,
     ModelConfig,
@@ -73,6 +74,7 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=_finetune_optim)
     schedule: ScheduleConfig = field(default_factory=_finetune_schedule)
     accelerate: AccelerateConfig = field(default_factory=AccelerateConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

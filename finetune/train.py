@@ -7,9 +7,10 @@ the preemption flag. What is finetune-specific lives in ``finetune.load``
 
 Resume order (big_vision's): a complete checkpoint in the run directory wins;
 otherwise the model starts from ``init`` with a fresh head. A checkpoint is
-``accelerator.save_state`` (weights, optimizer, schedule, per-process RNG) in
-``checkpoints/step_N/`` plus ``trainer_state.json`` (step, samples, stream
-position, resolved config), committed with the shared complete-marker protocol.
+``accelerator.save_state`` (weights, optimizer, schedule) in ``checkpoints/step_N/``
+plus each process' RNG (its own GPU's only, ``pretrain.checkpoint.save_rng``, so a
+resume on another GPU layout works) and ``trainer_state.json`` (step, samples,
+stream position, resolved config), committed with the shared complete-marker protocol.
 
 Why ``accumulate()`` and Accelerate's optimizer wrapper rather than a hand-rolled
 ``no_sync``: the same loop then runs under the DeepSpeed plugin, where the
@@ -23,6 +24,7 @@ import logging
 import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,15 +32,18 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, set_seed
+from accelerate.utils.constants import RNG_STATE_NAME
 from PIL import Image
 
 from data_tools.manifest import write_text_atomic
-from pretrain.checkpoint import CheckpointDir, check_shapes, param_shapes, save_collective
+from pretrain import collective
+from pretrain.checkpoint import (CheckpointDir, check_shapes, load_rng, param_shapes, save_collective, save_rng,
+                                 set_rng_state)
 from pretrain.config import ConfigError, config_to_dict, dump_config
 from pretrain.data.eval_stream import build_eval_stream
 from pretrain.data.train_stream import StreamPosition, TrainStream, build_train_stream
 from pretrain.data.transforms import BatchPreprocessor
-from pretrain.distributed import DistEnv, join
+from pretrain.distributed import DistEnv, join, log_nccl
 from pretrain.engine import grad_accum_steps
 from pretrain.evaluate import EvalResult, evaluate_model
 from pretrain.flops import flops_per_image
@@ -114,13 +119,22 @@ def join_job() -> DistEnv:
 
 
 def build_accelerator(cfg: FinetuneConfig, accum: int) -> Accelerator:
-    """DDP (CPU or GPU) or the DeepSpeed plugin; the schedule is stepped by us, once per optimizer step."""
+    """DDP (CPU or GPU) or the DeepSpeed plugin; the schedule is stepped by us, once per optimizer step.
+
+    The process group Accelerate starts gets ``distributed.timeout_min`` on every backend
+    (Accelerate's own default is 10 min under NCCL). With the DeepSpeed plugin on CPU its
+    backend is named too: the plugin is ignored with ``cpu=True`` and needs gloo (FACTS.md);
+    elsewhere Accelerate picks it (a named backend would make one process start a group).
+    """
     on_cpu = not torch.cuda.is_available()
+    backend = {"backend": "gloo"} if on_cpu and cfg.accelerate.zero_stage is not None else {}
+    group = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.distributed.timeout_min), **backend)
     kwargs: dict[str, Any] = dict(
         mixed_precision=cfg.accelerate.mixed_precision,
         gradient_accumulation_steps=accum,
         step_scheduler_with_optimizer=False,
         dynamo_backend="inductor" if cfg.model.compile else "no",
+        kwargs_handlers=[group],
     )
     if cfg.accelerate.zero_stage is None:
         return Accelerator(cpu=on_cpu, **kwargs)
@@ -129,9 +143,7 @@ def build_accelerator(cfg: FinetuneConfig, accum: int) -> Accelerator:
     # No dataloader goes through prepare(), so the batch sizes cannot be "auto".
     plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.data.micro_batch_size,
                                    train_batch_size=cfg.data.global_batch_size)
-    # On CPU the plugin is ignored with cpu=True; it needs an explicit gloo group instead (FACTS.md).
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if on_cpu else []
-    return Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers, **kwargs)
+    return Accelerator(deepspeed_plugin=plugin, **kwargs)
 
 
 def setup(cfg: FinetuneConfig, env: DistEnv, resume_from: Optional[Path]) -> Parts:
@@ -169,12 +181,34 @@ def input_dtype(accelerator: Accelerator, model: Any) -> torch.dtype:
 
 
 def restore(parts: Parts, checkpoint_path: Path, meta: dict[str, Any]) -> TrainerState:
-    """Load Accelerate's state (weights, optimizer, schedule, RNG) and our trainer state."""
+    """Load Accelerate's state (weights, optimizer, schedule), this process' RNG and our trainer state."""
     check_shapes(meta.get("param_shapes", {}), param_shapes(parts.accelerator.unwrap_model(parts.model)),
                  checkpoint_path)
     parts.accelerator.load_state(str(checkpoint_path))
+    restore_rng(parts.accelerator, checkpoint_path)
     saved = json.loads((checkpoint_path / TRAINER_STATE).read_text())
     return TrainerState(**saved["state"])
+
+
+def restore_rng(acc: Accelerator, checkpoint_path: Path) -> None:
+    """Set this process' generators from the checkpoint, over what ``load_state`` set.
+
+    Why not Accelerate's: its state file holds one CUDA state per visible GPU
+    (``get_rng_state_all``) and ``load_state`` restores them with ``set_rng_state_all``
+    inside a ``try`` that only logs "Could not load random states" at info level: on
+    fewer visible GPUs than the writer had, the CUDA generators stay unrestored, and with
+    all GPUs visible after one-GPU tasks, device 0 gets the state and this process' device
+    keeps its own. ``save`` writes this process' own device state next to it
+    (``pretrain.checkpoint.save_rng``); checkpoints written before that are read from
+    Accelerate's file with the same choice of entry (``pretrain.checkpoint.own_cuda_state``).
+    """
+    if load_rng(checkpoint_path):
+        return
+    accelerate_file = checkpoint_path / f"{RNG_STATE_NAME}_{acc.process_index}.pkl"
+    if accelerate_file.is_file():
+        states = torch.load(accelerate_file, weights_only=False)
+        set_rng_state({"python": states["random_state"], "numpy": states["numpy_random_seed"],
+                       "torch": states["torch_manual_seed"], "cuda": states.get("torch_cuda_manual_seed")})
 
 
 # -------------------------------------------------------------------- step
@@ -215,6 +249,7 @@ def save(parts: Parts, cfg: FinetuneConfig, state: TrainerState, ckdir: Checkpoi
 
     def write(path: Path) -> None:
         acc.save_state(str(path))
+        save_rng(path)
         if acc.is_main_process:
             payload = {"state": asdict(state), "config": config_to_dict(cfg)}
             write_text_atomic(path / TRAINER_STATE, json.dumps(payload, indent=1))
@@ -284,7 +319,8 @@ def record(run: Run, loss: torch.Tensor, norm: Optional[float], data_time: float
     run.throughput.add(cfg.data.global_batch_size, step_time, data_time)
     if state.step % cfg.logging.every_steps and state.step != cfg.schedule.total_steps:
         return
-    scalars = {"train/loss": float(acc.reduce(loss, "mean")), "train/lr": run.parts.scheduler.get_last_lr()[0],
+    mean_loss = collective.sum_values([float(loss)])[0] / acc.num_processes
+    scalars = {"train/loss": mean_loss, "train/lr": run.parts.scheduler.get_last_lr()[0],
                "perf/mem_gb": memory_gb(acc.device), **run.throughput.report()}
     if norm is not None:
         scalars["train/grad_norm"] = norm
@@ -299,6 +335,7 @@ def start(cfg: FinetuneConfig, flag: PreemptionFlag) -> Run:
     ckdir = CheckpointDir(cfg.run.path / "checkpoints")
     latest = ckdir.find() if cfg.checkpoint.resume else None
     parts = setup(cfg, env, latest.path if latest else None)
+    log_nccl(env)
     acc = parts.accelerator
     state = restore(parts, latest.path, latest.meta) if latest else TrainerState()
     if acc.is_main_process:
@@ -322,7 +359,8 @@ def loop(run: Run) -> int:
         return EXIT_PREEMPTED
     stopwatch, step_clock = Stopwatch(), Stopwatch()
     while state.step < cfg.schedule.total_steps:
-        # --- one optimizer step
+        # --- one optimizer step, timed alone: evaluation and checkpoints stay out of the throughput
+        step_clock.restart()
         loss, norm, data_time = train_step(run.parts, run.stream, stopwatch)
         record(run, loss, norm, data_time, step_clock.lap())
         if state.nonfinite_in_a_row >= cfg.optim.max_nonfinite_steps:

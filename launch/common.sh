@@ -36,17 +36,21 @@
 # (plus itself) exceed them.
 #
 # Environment of the tasks:
-#   MASTER_ADDR   first host of the job's node list (`scontrol show hostnames`);
-#   MASTER_PORT   15000 + job id % 20000: jobs sharing a node do not collide, and every task
-#                 and pretrain/distributed.py's SLURM fallback derive the same port;
+#   MASTER_ADDR   as exported by the user, else the first host of the job's node list
+#                 (`scontrol show hostnames`);
+#   MASTER_PORT   as exported by the user (e.g. a port the cluster's firewall opens), else
+#                 15000 + job id % 20000: jobs sharing a node do not collide, and every task
+#                 and pretrain/distributed.py's SLURM fallback derive the same port (a user's
+#                 value wins there too);
 #   OMP_NUM_THREADS  as exported by the user, else --cpus-per-task, else 1 (several CPU
 #                 processes with more threads than cores slow each other down, and 1 avoids
 #                 exit-time crashes seen with several processes on CPU);
 #   PYTHONUNBUFFERED=1  so the ranks' lines reach the log as they are printed.
 # NCCL settings are cluster-specific; export them before sbatch (sbatch passes the submitting
 # environment on), e.g. NCCL_SOCKET_IFNAME=<fabric interface>, NCCL_IB_HCA=<HCAs>,
-# NCCL_DEBUG=WARN (INFO to debug a hang). Collectives time out after 30 minutes
-# (pretrain/distributed.py), so a rank that dies makes the others fail instead of hanging.
+# NCCL_DEBUG=WARN (INFO to debug a hang); rank 0 logs them and torch's NCCL version at start.
+# Collectives time out after distributed.timeout_min (default 30 minutes), so a rank that dies
+# makes the others fail instead of hanging.
 #
 # Variables read: PYTHON (interpreter with vitscale installed; default python3), DRY_RUN=1,
 # SRUN_ARGS (extra srun options, split on spaces, given after ours so they win).
@@ -72,12 +76,11 @@ vs_on_preempt() {
 # Rendezvous and per-task environment (see the header).
 vs_export_env() {
   local job=${SLURM_JOB_ID:-0}
-  if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
+  if [ -z "${MASTER_ADDR:-}" ] && [ -n "${SLURM_JOB_NODELIST:-}" ]; then
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-  else
-    MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
   fi
-  MASTER_PORT=$((15000 + job % 20000))
+  MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+  MASTER_PORT=${MASTER_PORT:-$((15000 + job % 20000))}
   OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
   export MASTER_ADDR MASTER_PORT OMP_NUM_THREADS PYTHONUNBUFFERED=1
 }

@@ -29,7 +29,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         setup_logging(env)
         check_cpu_budget(env, cfg.data.num_workers)
         resume_point(cfg, env)  # a world-size change converts the checkpoint before any collective can time out
-        device = init_distributed(env)
+        device = init_distributed(env, cfg.distributed.timeout_min)
         try:
             return train(cfg, env, device, flag)
         finally:

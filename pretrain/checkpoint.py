@@ -176,18 +176,72 @@ def check_shapes(saved: dict[str, list[int]], current: dict[str, list[int]], whe
 
 
 def rng_state() -> dict[str, Any]:
+    """The host generators and this process' own CUDA device's (the current one), not every visible GPU's.
+
+    Why only its own: a process draws from its own device only, and the set of visible
+    GPUs is the launcher's choice, not the run's. A checkpoint that held one state per
+    visible GPU (``get_rng_state_all``) written by tasks that each saw 8 could not be
+    restored by tasks bound to one GPU each (``set_rng_state_all`` raised ``IndexError``
+    on every rank), so the run could never resume on another layout.
+    """
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
+def own_cuda_state(saved: Any) -> Optional[torch.Tensor]:
+    """This process' CUDA generator state out of a saved ``cuda`` entry; None when there is none to restore.
+
+    ``saved`` is one state (this module's format), or a list with one per visible GPU
+    (``get_rng_state_all``: checkpoints written before, and Accelerate's). From a list, the
+    entry of the device this process used is taken when it is certain: the only entry (the
+    writer saw one GPU, its own), or the current device's when as many GPUs are visible as
+    the writer saw (same layout, same device). Otherwise the writer's device is unknown:
+    the CUDA generator keeps its seeded state, with a warning, and the run resumes.
+    """
+    if saved is None or not torch.cuda.is_available():
+        return None
+    if isinstance(saved, torch.Tensor):
+        return saved
+    visible = torch.cuda.device_count()
+    if len(saved) == 1:
+        return saved[0]
+    if len(saved) == visible:
+        return saved[torch.cuda.current_device()]
+    log.warning("the checkpoint holds the CUDA generator states of %d visible GPUs, this process sees %d: which one "
+                "it drew from is unknown, so the CUDA generator is not restored (host generators are)",
+                len(saved), visible)
+    return None
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` saved (or an older per-visible-GPU list, see ``own_cuda_state``)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = own_cuda_state(state.get("cuda"))
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+
+
+def rng_file(directory: Path) -> Path:
+    """This rank's generator states in a checkpoint directory (both stages write one per rank)."""
+    return Path(directory) / f"rng_rank{_rank():05d}.pt"
+
+
+def save_rng(directory: Path) -> None:
+    torch.save(rng_state(), rng_file(directory))
+
+
+def load_rng(directory: Path) -> bool:
+    """Restore this rank's generators from ``directory``; False if it holds none for this rank
+    (a rank that did not exist when it was written)."""
+    path = rng_file(directory)
+    if not path.is_file():
+        return False
+    set_rng_state(torch.load(path, weights_only=False))
+    return True
 
 
 def _rank() -> int:
@@ -238,7 +292,7 @@ def save_deepspeed(engine: Any, ckdir: CheckpointDir, step: int, client_state: d
     """DeepSpeed checkpoint under ``step_N`` plus this rank's RNG state; see ``save_collective``."""
     def write(path: Path) -> None:
         engine.save_checkpoint(str(ckdir.root), tag=path.name, client_state=client_state, save_latest=False)
-        torch.save(rng_state(), path / f"rng_rank{_rank():05d}.pt")
+        save_rng(path)
 
     return save_collective(ckdir, step, write, {"world_size": engine.world_size, **meta}, keep_last)
 
@@ -315,7 +369,5 @@ def load_deepspeed(engine: Any, checkpoint: Checkpoint, shapes: dict[str, list[i
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint to load in {load_dir}/{tag}")
     place_step_counts(getattr(engine.optimizer, "optimizer", engine.optimizer))
-    rng_file = checkpoint.path / f"rng_rank{_rank():05d}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    load_rng(checkpoint.path)
     return client_state or {}

@@ -3,9 +3,12 @@
 Why one helper: an NCCL process group takes CUDA tensors only; a collective on a
 CPU tensor raises ``No backend type associated with device type cpu``. The first
 checkpoint save all-reduced a CPU flag and so crashed every NCCL run. Every
-collective in ``pretrain``, ``finetune`` and ``data_tools`` goes through this module
-(a test scans the sources for any other caller), which puts the tensor on
-``collective_device()`` and brings the answer back as Python values.
+collective in ``pretrain``, ``finetune`` and ``data_tools`` goes through this module, which
+puts the tensor on ``collective_device()`` and brings the answer back: those issued through
+``deepspeed.comm`` (the ZeRO gradient norm) and Accelerate (the logged loss) too. A test
+scans the sources for any other caller of the three; another runs training with the
+collectives' device faked as a GPU (``tests/fake_devices.py``), so a dropped placement fails
+on CPU too.
 
 Why not a ``"cpu:gloo,cuda:nccl"`` backend pair, which torch and DeepSpeed accept:
 
@@ -23,7 +26,7 @@ and the callers read the result on the host anyway (one sync they already paid).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -49,20 +52,22 @@ def collective_device() -> torch.device:
     return device_for_backend(str(dist.get_backend())) if active() else torch.device("cpu")
 
 
-def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
-    """Reduce ``tensor`` over all processes on ``collective_device()``; the result is on ``tensor``'s device
-    (in place when it already was there; a no-op without a group)."""
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType,
+                group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Reduce ``tensor`` over ``group`` (default: all processes) on ``collective_device()``; the result is on
+    ``tensor``'s device (in place when it already was there; a no-op without a group)."""
     if not active():
         return tensor
     device = collective_device()
     placed = tensor if tensor.device == device else tensor.to(device)
-    dist.all_reduce(placed, op=op)
+    dist.all_reduce(placed, op=op, group=group)
     return placed if placed is tensor else placed.to(tensor.device)
 
 
-def sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all processes; the result is on ``tensor``'s device (no-op without a group)."""
-    return _all_reduce(tensor, dist.ReduceOp.SUM)
+def sum_(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Sum ``tensor`` over ``group`` (default: all processes); use the returned tensor: it is ``tensor``,
+    reduced in place, only when ``tensor`` was already on ``collective_device()`` (no-op without a group)."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM, group)
 
 
 def sum_values(values: Sequence[float]) -> list[float]:

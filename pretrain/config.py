@@ -225,6 +225,16 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """The process group both stages start (pretraining itself, finetuning through Accelerate)."""
+
+    timeout_min: float = 30.0
+    """How long a collective waits for every rank before the job fails (torch's default is 10 min for
+    NCCL): long enough for one rank's slow start (a first ``torch.compile`` of a big model, reading a
+    large checkpoint) while the others wait in a barrier, short enough that a dead rank ends the job."""
+
+
+@dataclass
 class CheckpointConfig:
     """When to save and how many to keep."""
 
@@ -267,6 +277,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -333,6 +344,8 @@ def validate_common(cfg: Any, world_size: int, check_paths: bool) -> None:
         )
     if micro > 0:
         errors += _order_errors(dataclasses.replace(data, micro_batch_size=micro), world_size)
+    if cfg.distributed.timeout_min <= 0:
+        errors.append(f"distributed.timeout_min={cfg.distributed.timeout_min} must be positive (minutes)")
     if cfg.schedule.warmup_steps > cfg.schedule.total_steps:
         errors.append(
             f"schedule.warmup_steps={cfg.schedule.warmup_steps} exceeds "

@@ -11,6 +11,7 @@ touching the train loop. torchrun and the DeepSpeed launcher both export the
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -165,12 +166,43 @@ def init_distributed(env: DistEnv, timeout_min: float = 30.0) -> torch.device:
     The group is created here, not by DeepSpeed, so the backend choice is ours;
     ``deepspeed.initialize`` then reuses it. Collectives of vitscale's own go through
     ``pretrain.collective``, which keeps their tensors on the device NCCL needs.
+    ``timeout_min``: ``distributed.timeout_min``. On a GPU the group is bound to this
+    process' device (``device_id``, where the installed torch takes it): NCCL then sets
+    up its communicator at once, so a wrong device or an unreachable peer fails here, at
+    start, instead of in the first collective, and barriers know their device.
     """
     device = join(env)
     if not dist.is_initialized():
+        bound = {"device_id": device} if device.type == "cuda" and takes_device_id() else {}
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                                rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=timeout_min))
+                                rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=timeout_min),
+                                **bound)
+    log_nccl(env)
     return device
+
+
+def takes_device_id() -> bool:
+    """Whether this torch's ``init_process_group`` has ``device_id`` (added in torch 2.3)."""
+    return "device_id" in inspect.signature(dist.init_process_group).parameters
+
+
+NCCL_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_")
+
+
+def log_nccl(env: DistEnv) -> None:
+    """On a GPU, rank 0 logs torch's NCCL version and every ``NCCL_*`` / ``TORCH_NCCL_*`` variable.
+
+    Why: NCCL settings are cluster-specific and exported by the user before ``sbatch``
+    (``launch/common.sh``); when a job hangs or crawls, which NCCL ran and with which
+    interface, transport and timeout settings is the first question, and the log of the
+    run is where the answer must be.
+    """
+    if not env.is_main or not torch.cuda.is_available():
+        return
+    settings = " ".join(f"{key}={value}" for key, value in sorted(os.environ.items())
+                        if key.startswith(NCCL_ENV_PREFIXES))
+    log.info("NCCL %s (torch %s); %s", ".".join(map(str, torch.cuda.nccl.version())), torch.__version__,
+             settings or "no NCCL_* or TORCH_NCCL_* variables set")
 
 
 def cpu_list(cpus: list[int]) -> str:

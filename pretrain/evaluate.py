@@ -99,7 +99,7 @@ def evaluate_model(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
             counts[1].index_add_(0, target, hit.any(dim=-1).long())
             counts[2].index_add_(0, target, torch.ones_like(target))
         index += 1
-    collective.sum_(counts)
+    counts = collective.sum_(counts)
     model.train(was_training)
     per_class = counts.cpu().tolist()
     return EvalResult(correct_top1=sum(per_class[0]), correct_top5=sum(per_class[1]), total=sum(per_class[2]),

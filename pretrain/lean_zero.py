@@ -27,6 +27,8 @@ from typing import Any, Optional
 
 import torch
 
+from pretrain import collective
+
 log = logging.getLogger(__name__)
 
 LEAN_ATTRIBUTES = (
@@ -95,8 +97,9 @@ def _foreach_grad_norm(optimizer: Any) -> None:
 
     DeepSpeed's ``get_grad_norm_direct`` casts each gradient tensor to fp64 and takes its norm
     separately (ViT-B/16: 152 casts + 152 norms + a stack per step, host launch time). This is
-    the same sum for the L2 norm with ``torch._foreach_norm``, then DeepSpeed's own all-reduce
-    (in fp32, as DeepSpeed's) and masking of a non-finite result, which ``_overflow_from_grad_norm``
+    the same sum for the L2 norm with ``torch._foreach_norm``, then the all-reduce over DeepSpeed's
+    data-parallel group (in fp32, as DeepSpeed's; through ``pretrain.collective`` like every
+    collective vitscale issues) and masking of a non-finite result, which ``_overflow_from_grad_norm``
     relies on. Other norm types keep DeepSpeed's function.
 
     The per-tensor norms accumulate in fp32, as ``torch.nn.utils.clip_grad_norm_`` does, not in
@@ -106,7 +109,6 @@ def _foreach_grad_norm(optimizer: Any) -> None:
     above fp32's range (a norm above about 1.8e19) reads as non-finite and the step is
     skipped, where fp64 would have clipped it; a gradient that large has diverged either way.
     """
-    from deepspeed import comm as dist
     from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
 
     deepspeed_norm = optimizer.get_grad_norm_direct
@@ -120,8 +122,7 @@ def _foreach_grad_norm(optimizer: Any) -> None:
             total = torch.stack(norms).pow(2).sum()
         else:
             total = torch.zeros((), dtype=torch.float32, device=optimizer.device)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=optimizer.dp_process_group)
-        total = total.pow(0.5)
+        total = collective.sum_(total, group=optimizer.dp_process_group).pow(0.5)
         mask_nan_or_inf_with_val_inplace(total, device=optimizer.device)
         return total
 

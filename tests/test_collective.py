@@ -1,7 +1,9 @@
-"""``pretrain.collective``: the only caller of torch.distributed collectives, on the device NCCL needs.
+"""``pretrain.collective``: the only caller of collectives (torch.distributed, deepspeed.comm, Accelerate's),
+on the device NCCL needs.
 
-The runtime check (every collective of a real training run gets its tensors on the
-engine's device) is in ``test_pretrain_engine.py``, which owns this process' group.
+The runtime checks (every collective of a real pretraining and finetuning run, with the
+collectives' device faked as a GPU) are in ``test_pretrain_engine.py``, which owns this
+process' group.
 """
 
 from __future__ import annotations
@@ -12,41 +14,56 @@ from pathlib import Path
 import pytest
 import torch
 
+from fake_devices import COLLECTIVES
 from pretrain import collective
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("pretrain", "finetune", "data_tools", "benchmarks", "launch")
-COLLECTIVES = frozenset({
-    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_gather_single", "all_to_all",
-    "all_to_all_single", "reduce_scatter_single",
-    "barrier", "broadcast", "broadcast_object_list", "gather", "irecv", "isend", "monitored_barrier", "recv",
-    "reduce", "reduce_scatter", "reduce_scatter_tensor", "scatter", "send",
-})
-"""torch.distributed functions that move tensors (or need a device) on the default group."""
+COMM_MODULES = ("torch.distributed", "deepspeed.comm")
+"""Modules whose collectives take tensors as they are: DeepSpeed's comm forwards to torch.distributed."""
+ACCELERATE_COLLECTIVES = frozenset({"reduce", "gather", "gather_for_metrics", "pad_across_processes", "broadcast",
+                                    "broadcast_object_list"})
+"""Accelerate's collectives (``Accelerator`` methods and ``accelerate.utils`` functions): they reduce on the
+tensor's own device too."""
 
 
-def _distributed_aliases(tree: ast.AST) -> set[str]:
-    """Names a module binds to ``torch.distributed`` (``import torch.distributed as dist`` -> ``dist``)."""
-    names = {"torch.distributed"}
+def _comm_aliases(tree: ast.AST) -> set[str]:
+    """Names a module binds to ``torch.distributed`` or ``deepspeed.comm`` (``import torch.distributed as dist``,
+    ``from deepspeed import comm``, ...), the dotted names themselves included."""
+    names = set(COMM_MODULES)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names |= {a.asname for a in node.names if a.name == "torch.distributed" and a.asname}
-        elif isinstance(node, ast.ImportFrom) and node.module == "torch" :
-            names |= {a.asname or a.name for a in node.names if a.name == "distributed"}
+            names |= {a.asname for a in node.names if a.name in COMM_MODULES and a.asname}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {a.asname or a.name for a in node.names if f"{node.module}.{a.name}" in COMM_MODULES}
     return names
 
 
+def _uses_accelerate(tree: ast.AST) -> bool:
+    return any(isinstance(node, ast.Import) and any(a.name.split(".")[0] == "accelerate" for a in node.names)
+               or isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "accelerate"
+               for node in ast.walk(tree))
+
+
 def _collective_calls(path: Path) -> list[str]:
+    """Collectives ``path`` issues itself: torch.distributed's and deepspeed.comm's (called or imported by name),
+    and, in a module that uses Accelerate, any call of an Accelerate collective's name."""
     tree = ast.parse(path.read_text(), str(path))
-    aliases = _distributed_aliases(tree)
+    aliases = _comm_aliases(tree)
+    accelerate = _uses_accelerate(tree)
+    where = path.relative_to(REPO)
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
-            found += [f"{path.name}:{node.lineno} imports {a.name}" for a in node.names if a.name in COLLECTIVES]
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COLLECTIVES:
+        if isinstance(node, ast.ImportFrom) and node.module in COMM_MODULES:
+            found += [f"{where}:{node.lineno} imports {a.name}" for a in node.names if a.name in COLLECTIVES]
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "accelerate":
+            found += [f"{where}:{node.lineno} imports {a.name}" for a in node.names
+                      if a.name in ACCELERATE_COLLECTIVES]
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             owner = ast.unparse(node.func.value)
-            if owner in aliases:
-                found.append(f"{path.relative_to(REPO)}:{node.lineno} {owner}.{node.func.attr}")
+            if node.func.attr in COLLECTIVES and owner in aliases or \
+                    accelerate and node.func.attr in ACCELERATE_COLLECTIVES:
+                found.append(f"{where}:{node.lineno} {owner}.{node.func.attr}")
     return found
 
 
@@ -55,18 +72,33 @@ def test_no_collective_bypasses_the_helper() -> None:
     (``torch.tensor([...])`` with no device). Only ``pretrain/collective.py`` may call them."""
     offenders = [call for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))
                  if path != REPO / "pretrain" / "collective.py" for call in _collective_calls(path)]
-    assert offenders == [], "use pretrain.collective instead of torch.distributed directly:\n" + "\n".join(offenders)
+    assert offenders == [], "use pretrain.collective instead of torch.distributed, deepspeed.comm or " \
+                            "Accelerate's collectives directly:\n" + "\n".join(offenders)
 
 
-def test_the_scan_sees_the_forms_code_uses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("source,expected", [
+    ("import torch\nimport torch.distributed as dist\nfrom torch import distributed as d2\n"
+     "from torch.distributed import all_reduce\n"
+     "def f(t):\n    dist.all_reduce(t)\n    torch.distributed.barrier()\n    d2.broadcast(t, 0)\n"
+     "    dist.get_rank()\n",
+     ["m.py:4 imports all_reduce", "m.py:6 dist.all_reduce", "m.py:7 torch.distributed.barrier",
+      "m.py:8 d2.broadcast"]),
+    ("import deepspeed\nfrom deepspeed import comm as dist\nimport deepspeed.comm as dc\n"
+     "from deepspeed.comm import all_reduce\n"
+     "def f(t, g):\n    dist.all_reduce(t, group=g)\n    dc.barrier()\n    deepspeed.comm.broadcast(t, 0)\n"
+     "    dist.get_rank()\n",
+     ["m.py:4 imports all_reduce", "m.py:6 dist.all_reduce", "m.py:7 dc.barrier",
+      "m.py:8 deepspeed.comm.broadcast"]),
+    ("from accelerate import Accelerator\nfrom accelerate.utils import gather, set_seed\n"
+     "def f(acc, t):\n    acc.reduce(t, 'mean')\n    acc.gather_for_metrics(t)\n    acc.backward(t)\n",
+     ["m.py:2 imports gather", "m.py:4 acc.reduce", "m.py:5 acc.gather_for_metrics"]),
+    ("from functools import reduce\ndef f(xs):\n    return reduce(max, xs)\n", []),
+])
+def test_the_scan_sees_the_forms_code_uses(source: str, expected: list[str], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(f"{__name__}.REPO", tmp_path)
-    source = tmp_path / "m.py"
-    source.write_text("import torch\nimport torch.distributed as dist\nfrom torch import distributed as d2\n"
-                      "from torch.distributed import all_reduce\n"
-                      "def f(t):\n    dist.all_reduce(t)\n    torch.distributed.barrier()\n    d2.broadcast(t, 0)\n"
-                      "    dist.get_rank()\n")
-    assert _collective_calls(source) == ["m.py:4 imports all_reduce", "m.py:6 dist.all_reduce",
-                                         "m.py:7 torch.distributed.barrier", "m.py:8 d2.broadcast"]
+    (tmp_path / "m.py").write_text(source)
+    assert _collective_calls(tmp_path / "m.py") == expected
 
 
 @pytest.mark.parametrize("backend,device_type", [

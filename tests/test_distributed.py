@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 
 import pytest
 
 from pretrain.distributed import (SLURM_PORT_BASE, SLURM_PORT_SPAN, DistEnv, check_cpu_budget, cpu_list, device_for,
-                                  first_host)
+                                  first_host, init_distributed, log_nccl)
 
 
 def test_torchrun_variables() -> None:
@@ -158,3 +159,63 @@ def test_exit_process_releases_groups_flushes_and_skips_the_interpreter_teardown
     assert result.stdout.endswith("deepspeed world group released: True"), result.stdout
     assert "last log line" in result.stderr
     assert "ATEXIT RAN" not in result.stdout
+
+
+# ----------------------------------------------------- starting the group on a GPU
+
+
+@pytest.fixture
+def group_start(slurm_gpus, monkeypatch: pytest.MonkeyPatch):
+    """``init_distributed`` on a faked GPU task (rank 8, local rank 0 of 8 visible): what
+    ``init_process_group`` is given, with and without ``device_id`` in the installed torch's signature."""
+    import torch
+    import torch.distributed as dist
+
+    given: dict = {}
+
+    def with_device_id(backend=None, init_method=None, timeout=None, world_size=-1, rank=-1, device_id=None):
+        given.update(backend=backend, timeout=timeout, device_id=device_id)
+
+    def without_device_id(backend=None, init_method=None, timeout=None, world_size=-1, rank=-1):
+        given.update(backend=backend, timeout=timeout)
+
+    def start(takes_device_id: bool, **kwargs):
+        env = slurm_gpus(local_rank=0, visible="0,1,2,3,4,5,6,7")
+        monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+        monkeypatch.setattr(dist, "is_initialized", lambda: False)
+        monkeypatch.setattr(dist, "init_process_group", with_device_id if takes_device_id else without_device_id)
+        return init_distributed(env, **kwargs), given
+    return start
+
+
+def test_the_group_is_bound_to_this_gpu_with_the_configured_timeout(group_start) -> None:
+    import torch
+
+    device, given = group_start(True, timeout_min=45)
+    assert given == dict(backend="nccl", timeout=timedelta(minutes=45), device_id=torch.device("cuda", 0))
+    assert device == given["device_id"]
+
+
+def test_a_torch_without_device_id_starts_the_group_without_it(group_start) -> None:
+    _, given = group_start(False)
+    assert given == dict(backend="nccl", timeout=timedelta(minutes=30))
+
+
+def test_rank_0_logs_the_nccl_version_and_environment(monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: (2, 27, 3))
+    for key in [k for k in os.environ if k.startswith(("NCCL_", "TORCH_NCCL_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    monkeypatch.setenv("MY_NCCL_NOTE", "not NCCL's")
+    with caplog.at_level(logging.INFO, logger="pretrain.distributed"):
+        log_nccl(DistEnv(rank=1, world_size=2))
+        assert caplog.text == ""
+        log_nccl(DistEnv(rank=0, world_size=2))
+    assert f"NCCL 2.27.3 (torch {torch.__version__}); NCCL_SOCKET_IFNAME=ib0 TORCH_NCCL_ASYNC_ERROR_HANDLING=1" \
+        in caplog.text
+    assert "MY_NCCL_NOTE" not in caplog.text

@@ -70,3 +70,18 @@ def test_empty_stream_counts_nothing() -> None:
     result = evaluate_model(Recorder(), [], BatchPreprocessor(DataConfig(), NUM_CLASSES), NUM_CLASSES, IMG,
                             torch.device("cpu"))
     assert result.total == 0 and result.top1 == 0.0 and result.class_total == [0] * NUM_CLASSES
+
+
+def test_the_counts_are_the_reduced_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sum over processes comes back as a new tensor wherever the counts were not on the collective's device
+    (a GPU reduce of host counts): the result must be read from it. Two processes with equal counts, faked."""
+    import pretrain.collective as collective
+
+    data = batches([5, 8, 3])
+    alone = evaluate_model(Recorder(), data, BatchPreprocessor(DataConfig(), NUM_CLASSES), NUM_CLASSES, IMG,
+                           torch.device("cpu"))
+    monkeypatch.setattr(collective, "sum_", lambda tensor: tensor * 2)
+    both = evaluate_model(Recorder(), data, BatchPreprocessor(DataConfig(), NUM_CLASSES), NUM_CLASSES, IMG,
+                          torch.device("cpu"))
+    assert both.total == 2 * alone.total == 32
+    assert both.class_total == [2 * n for n in alone.class_total]

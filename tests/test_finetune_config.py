@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from finetune.__main__ import main
 from finetune.config import FinetuneConfig
 from finetune.train import check_config
-from pretrain.config import ConfigError, load_config
+from pretrain.config import Config, ConfigError, load_config
 
 
 @pytest.mark.parametrize("recipe", ["vit_b16_in1k_384", "vit_l16_in1k_384", "demo"])
@@ -57,3 +59,38 @@ def test_finetune_checks(tmp_path):
 def test_main_exits_2_on_config_errors(repo_root, capsys):
     assert main(["--config", str(repo_root / "configs/finetune/demo.yaml"), "init=", "optim.nme=sgd"]) == 2
     assert "did you mean 'name'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cls,recipe", [(Config, "pretrain/demo.yaml"), (FinetuneConfig, "finetune/demo.yaml")])
+def test_distributed_timeout_loads_strictly_and_must_be_positive(repo_root, cls, recipe):
+    path = repo_root / "configs" / recipe
+    assert load_config(path, cls=cls).distributed.timeout_min == 30.0
+    cfg = load_config(path, ["distributed.timeout_min=90"], cls=cls)
+    assert cfg.distributed.timeout_min == 90.0
+    with pytest.raises(ConfigError, match="did you mean 'timeout_min'"):
+        load_config(path, ["distributed.timeout=90"], cls=cls)
+    with pytest.raises(ConfigError, match="distributed.timeout_min"):
+        load_config(path, ["distributed.timeout_min=soon"], cls=cls)
+    cfg.distributed.timeout_min = 0
+    with pytest.raises(ConfigError, match="distributed.timeout_min=0 must be positive"):
+        cfg.validate(check_paths=False)
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+@pytest.mark.parametrize("zero_stage", [None, 2])
+def test_finetune_gives_accelerate_the_timeout_on_every_backend(gpu, zero_stage, monkeypatch):
+    """Accelerate's own default is 10 min under NCCL: the group it starts must get ``distributed.timeout_min``."""
+    import torch
+
+    import finetune.train
+
+    given = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(finetune.train, "Accelerator", lambda **kwargs: given.update(kwargs))
+    cfg = load_config(None, ["init=w.safetensors", "distributed.timeout_min=45",
+                             f"accelerate.zero_stage={zero_stage or 'null'}"], cls=FinetuneConfig)
+    finetune.train.build_accelerator(cfg, accum=1)
+    (handler,) = given["kwargs_handlers"]
+    gloo = not gpu and zero_stage is not None  # the plugin on CPU (FACTS.md)
+    assert handler.to_kwargs() == {"timeout": timedelta(minutes=45), **({"backend": "gloo"} if gloo else {})}
+    assert ("deepspeed_plugin" in given) == (zero_stage is not None)

@@ -334,3 +334,19 @@ def test_preemption_requeues_when_kill_on_bad_exit_ends_the_step_with_a_signal(t
     assert proc.returncode == 0, out
     assert requeued.read_text().split() == ["requeue", "4242"], out
     assert "srun exited 143 after the USR1" in out and "requeueing job 4242" in out
+
+
+@pytest.mark.parametrize("user,rendezvous", [
+    ({}, "rendezvous 127.0.0.1:15000"),
+    ({"MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "29999"}, "rendezvous 10.1.2.3:29999"),
+])
+def test_the_users_master_addr_and_port_win(tmp_path: Path, data_dir: Path, user: dict[str, str],
+                                            rendezvous: str) -> None:
+    """Without them the job derives its port (15000 + job id % 20000; no job here); a user's (an open port)
+    is kept, as ``pretrain.distributed.DistEnv`` keeps it."""
+    env = {k: v for k, v in _env(DRY_RUN="1", SLURM_NTASKS="2").items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    proc = _run([str(LAUNCH / "pretrain.sh"), str(PRETRAIN_CFG), f"data.train_shards={data_dir}",
+                 f"data.eval_shards={data_dir}"], {**env, **user}, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert rendezvous in _sections(proc.stdout)["head"]

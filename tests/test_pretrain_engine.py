@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import pretrain.train as train_module
+from fake_devices import CollectivesOnAGpu
 from pretrain import collective
 from pretrain.checkpoint import CheckpointDir
 from pretrain.config import load_config
@@ -116,59 +117,91 @@ def test_checkpoint_of_another_model_shape_names_the_parameters(process_group, d
 
 
 @pytest.fixture
-def collectives_on_device(monkeypatch: pytest.MonkeyPatch):
-    """Wrap torch.distributed's collectives: each call fails unless all its tensors are on ``expected[0]``.
+def collectives_on_a_gpu(process_group, monkeypatch: pytest.MonkeyPatch) -> CollectivesOnAGpu:
+    """torch.distributed held to NCCL's rules with ``pretrain.collective`` on a fake GPU (``fake_devices``).
 
-    NCCL takes tensors on the process' GPU only; this fixture holds every collective of a
-    run (vitscale's and DeepSpeed's) to the same rule against the engine's device. Returns
-    ``(expected, calls)``: set ``expected[0]`` to the engine's device; ``calls`` counts by name.
+    Why a fake GPU: on the CPU the engine's device is the CPU, so an unplaced collective
+    (the bug that crashed every checkpoint under NCCL) would pass a check against it.
     """
-    import torch.distributed as dist
-
-    from test_collective import COLLECTIVES
-
-    expected: list[torch.device] = [torch.device("cpu")]
-    calls: dict[str, int] = {}
-
-    def tensors(value):
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                yield from tensors(item)
-
-    def checked(name, real):
-        def call(*args, **kwargs):
-            for tensor in tensors([*args, *kwargs.values()]):
-                assert tensor.device == expected[0], \
-                    f"torch.distributed.{name} got a tensor on {tensor.device}; the engine is on {expected[0]}"
-            calls[name] = calls.get(name, 0) + 1
-            return real(*args, **kwargs)
-        return call
-
-    for name in COLLECTIVES:
-        if hasattr(dist, name):
-            monkeypatch.setattr(dist, name, checked(name, getattr(dist, name)))
-    return expected, calls
+    _, device = process_group
+    return CollectivesOnAGpu(monkeypatch, engine_device=device)
 
 
-def test_every_collective_of_a_run_gets_tensors_on_the_engine_device(process_group, collectives_on_device,
+def test_every_collective_of_a_run_is_placed_on_the_collective_device(process_group, collectives_on_a_gpu,
                                                                       demo_shards: Path, tmp_path: Path) -> None:
     """Steps (loss/flag agreement), evaluation counts, the stop flag and checkpoint saves (ZeRO-3, whose
-    engine issues collectives too) all pass their tensors on the engine's device."""
+    engine issues collectives too) all pass their tensors on the collectives' device."""
     env, device = process_group
-    expected, calls = collectives_on_device
-    expected[0] = device
+    placed = collectives_on_a_gpu.placed
     cfg = tiny_config(tmp_path / "run", demo_shards, "deepspeed.zero_stage=3", "schedule.total_steps=2",
                       "checkpoint.every_steps=1", f"data.eval_shards={demo_shards}", "eval.every_steps=1",
                       "eval.max_batches=2")
     assert train(cfg, env, device) == 0
     # 2 steps x 1 agreement + 1 start-up stop flag + 2 saves x 1 agreement + eval batches and counts, at least.
-    assert calls.get("all_reduce", 0) >= 2 + 1 + 2 + 2 and calls.get("barrier", 0) >= 2 * 3, calls
-    # The guard itself: a tensor elsewhere than the engine's device fails the collective.
-    expected[0] = torch.device("meta")
-    with pytest.raises(AssertionError, match="got a tensor on cpu; the engine is on meta"):
-        collective.any_true(True)
+    assert placed.get("all_reduce", 0) >= 2 + 1 + 2 + 2 and placed.get("barrier", 0) >= 2 * 2, placed
+
+
+def test_the_lean_zero_gradient_norm_is_placed_on_the_collective_device(process_group, collectives_on_a_gpu,
+                                                                        demo_shards: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ZeRO-2's gradient norm (``pretrain.lean_zero``, over DeepSpeed's data-parallel group) is reduced
+    through ``pretrain.collective`` too: a call through ``deepspeed.comm`` would fail the fake GPU."""
+    env, device = process_group
+    groups = []
+    sum_ = collective.sum_
+
+    def spy(tensor: torch.Tensor, group=None) -> torch.Tensor:
+        groups.append(group)
+        return sum_(tensor, group=group)
+
+    monkeypatch.setattr(collective, "sum_", spy)
+    cfg = tiny_config(tmp_path / "run", demo_shards, "deepspeed.zero_stage=2", "deepspeed.precision=fp32",
+                      "schedule.total_steps=2", "checkpoint.every_steps=0")
+    assert train(cfg, env, device) == 0
+    assert sum(group is not None for group in groups) >= 2, groups  # a gradient norm in each step, at least
+
+
+UNPLACED = """
+def _all_reduce(tensor, op, group=None):
+    if active():
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def barrier():
+    if active():
+        dist.barrier()
+"""
+"""``pretrain.collective``'s collectives before the NCCL fix: the host tensor as it is, a barrier on no device."""
+
+
+def put_back_unplaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replace ``pretrain.collective``'s placed collectives by ``UNPLACED``, compiled as that module's own code."""
+    namespace = dict(vars(collective))
+    exec(compile(UNPLACED, collective.__file__, "exec"), namespace)
+    for name in ("_all_reduce", "barrier"):
+        monkeypatch.setattr(collective, name, namespace[name])
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: collective.any_true(True), "all_reduce got a tensor on cpu; pretrain.collective runs on cuda:3"),
+    (lambda: collective.barrier(), "barrier without device_ids=\\[3\\]"),
+])
+def test_the_fake_gpu_fails_the_unplaced_collectives(process_group, collectives_on_a_gpu, call, message,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard itself: with the placement dropped, each collective fails on the CPU as it did under NCCL."""
+    call()
+    put_back_unplaced(monkeypatch)
+    with pytest.raises(AssertionError, match=message):
+        call()
+
+
+def test_a_run_with_unplaced_collectives_fails(process_group, collectives_on_a_gpu, demo_shards: Path,
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env, device = process_group
+    put_back_unplaced(monkeypatch)
+    with pytest.raises(AssertionError, match="got a tensor on cpu; pretrain.collective runs on cuda:3"):
+        train(tiny_config(tmp_path / "run", demo_shards, "schedule.total_steps=1"), env, device)
 
 
 SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__")
@@ -471,3 +504,26 @@ def test_lean_zero_step_equals_deepspeeds_own_and_a_plain_loop_with_less_host_wo
             schedule.step()
         want = plain.state_dict()
         assert all(torch.equal(ours[k], want[k]) for k in want), max((ours[k] - want[k]).abs().max() for k in want)
+
+
+def test_every_collective_of_a_finetuning_run_is_placed_on_the_collective_device(
+        process_group, collectives_on_a_gpu, demo_shards: Path, tmp_path: Path) -> None:
+    """Finetuning under Accelerate in this group: the logged loss, evaluation counts, the stop flag and
+    checkpoint saves go through ``pretrain.collective`` on its device; Accelerate's own collectives stay
+    on the engine's."""
+    from accelerate.state import AcceleratorState
+
+    from finetune.config import FinetuneConfig
+    from finetune.train import train as finetune
+    from pretrain.config import apply_overrides
+    from test_finetune_preempt import tiny_overrides
+
+    overrides = [*tiny_overrides(tmp_path, demo_shards), f"data.eval_shards={demo_shards}", "eval.every_steps=1",
+                 "eval.max_batches=2", "schedule.total_steps=2", "checkpoint.every_steps=1"]
+    try:
+        assert finetune(apply_overrides(FinetuneConfig(), overrides)) == 0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    placed = collectives_on_a_gpu.placed
+    # 2 logged losses + 1 start-up stop flag + 2 stop flags + 2 saves + eval batches and counts, at least.
+    assert placed.get("all_reduce", 0) >= 2 + 1 + 2 + 2 + 2 and placed.get("barrier", 0) >= 2 * 2, placed

@@ -45,7 +45,7 @@ import tarfile
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 from . import storage
 from .manifest import read_info, write_text_atomic
@@ -195,21 +195,8 @@ def stale_reason(shard: PathLike, index: ShardIndex) -> str | None:
 def index_directory(out: PathLike, force: bool = False) -> dict[str, int]:
     """Index every shard of every split in ``out/_info.json``; returns counts of built and kept indexes."""
     out = Path(out)
-    counts = {"built": 0, "kept": 0}
-    for split, entry in read_info(out)["splits"].items():
-        for name, length in zip(entry["filenames"], entry["shard_lengths"]):
-            shard = out / name
-            index = None if force else read_index(shard)
-            if index is None or stale_reason(shard, index) is not None:
-                index = write_index(shard)
-                counts["built"] += 1
-            else:
-                counts["kept"] += 1
-            if len(index) != length:
-                raise ValueError(f"{shard} holds {len(index)} samples but {out}/_info.json says {length} "
-                                 f"(split {split}): the shard or the manifest is damaged; run "
-                                 "`python -m data_tools verify`")
-    return counts
+    return _index_splits(read_info(out), str(out), lambda name: (out / name, index_path(out / name)), force,
+                         "`python -m data_tools verify`")
 
 
 def index_remote(prefix: str, out: PathLike, force: bool = False) -> dict[str, int]:
@@ -220,10 +207,18 @@ def index_remote(prefix: str, out: PathLike, force: bool = False) -> dict[str, i
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    return _index_splits(storage.read_info(prefix), prefix,
+                         lambda name: (storage.join(prefix, name), out / f"{name}{SUFFIX}"), force,
+                         f"`python -m data_tools verify {prefix}`")
+
+
+def _index_splits(info: dict, where: str, locate: Callable[[str], tuple[PathLike, Path]], force: bool,
+                  verify: str) -> dict[str, int]:
+    """Build (into the local path ``locate`` gives) each index of ``info`` that is missing, stale or ``force``d."""
     counts = {"built": 0, "kept": 0}
-    for split, entry in storage.read_info(prefix)["splits"].items():
+    for split, entry in info["splits"].items():
         for name, length in zip(entry["filenames"], entry["shard_lengths"]):
-            shard, local = storage.join(prefix, name), out / f"{name}{SUFFIX}"
+            shard, local = locate(name)
             index = None if force else read_index(shard, local)
             if index is None or stale_reason(shard, index) is not None:
                 index = build_index(shard)
@@ -232,9 +227,8 @@ def index_remote(prefix: str, out: PathLike, force: bool = False) -> dict[str, i
             else:
                 counts["kept"] += 1
             if len(index) != length:
-                raise ValueError(f"{shard} holds {len(index)} samples but {prefix}/_info.json says {length} "
-                                 f"(split {split}): the shard or the manifest is damaged; run "
-                                 f"`python -m data_tools verify {prefix}`")
+                raise ValueError(f"{shard} holds {len(index)} samples but {where}/_info.json says {length} "
+                                 f"(split {split}): the shard or the manifest is damaged; run {verify}")
     return counts
 
 

@@ -211,9 +211,11 @@ def ranks_per_node(world_size: int) -> int:
 def check_cache_holds_working_set(cfg: Any, manifests: Manifests, world_size: int) -> None:
     """Remote train shards: ``data.cache_limit_bytes`` holds the node's working set of whole shards.
 
-    Working set: ranks of the node x ``Order.rank_shard_bound`` (every shard of the rank's
-    regions with ``data.window_samples=0``; two windows per stream in window mode) x the largest
-    shard. Below it the cache would evict shards still to be read and fetch them again.
+    Working set: ranks of the node x loader workers per rank x ``Order.rank_shard_bound`` (every
+    shard of the rank's regions with ``data.window_samples=0``; two windows per stream in window
+    mode) x the largest shard: each worker's reader keeps up to the bound open, and workers of
+    one rank read different steps, so their open copies need not coincide. Below it the cache
+    would evict shards still to be read and fetch them again.
     """
     train, data = manifests.train, cfg.data
     if not train.remote:
@@ -222,11 +224,11 @@ def check_cache_holds_working_set(cfg: Any, manifests: Manifests, world_size: in
                   0, data.window_samples)  # the seed moves no bound
     largest = max(size for size, _ in storage.versions([str(url) for url in train.shards]).values())
     ranks = ranks_per_node(world_size)
-    shards = min(len(train.shards), ranks * order.rank_shard_bound(world_size))
+    shards = min(len(train.shards), ranks * max(1, data.num_workers) * order.rank_shard_bound(world_size))
     need = shards * largest
     if need > data.cache_limit_bytes:
         raise ConfigError(f"data.cache_limit_bytes={data.cache_limit_bytes} is less than the {need} bytes the node's "
-                          f"{ranks} ranks may read at once ({shards} shards of up to {largest} bytes): raise it, or set"
+                          f"{ranks} ranks x {max(1, data.num_workers)} loader workers may read at once ({shards} shards of up to {largest} bytes): raise it, or set"
                           f" data.window_samples (now {data.window_samples}) to bound the shards each stream reads at "
                           "once (pretrain/data/order)")
 

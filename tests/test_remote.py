@@ -157,13 +157,14 @@ def _epoch(cfg: DataConfig):
 
 def test_one_epoch_from_s3_fetches_each_shard_once_into_a_cache_smaller_than_the_data(
         s3, st_make_shards, tmp_path: Path) -> None:
-    """40 shards of 25 samples, 2 streams in windows of 8: a rank reads at most 8 shards at a time, so a
-    cache limit of 8 shards holds it; each shard is fetched once, bytes fetched <= 1.1x bytes trained."""
+    """40 shards of 25 samples, 2 streams in windows of 8: a worker reads at most 8 shards at a time, so a
+    cache limit of 2 workers x 8 shards holds the rank (the two workers read different steps: with 8 the
+    cache went over its limit in 1 of 3 runs); each shard is fetched once, bytes fetched <= 1.1x trained."""
     local = st_make_shards([25] * 40)
     prefix = _upload(s3, local, "many")
     sizes = sorted(p.stat().st_size for p in local.glob("*.tar"))
     base = dict(train_shards=prefix, eval_shards="", global_batch_size=16, micro_batch_size=4, num_workers=2,
-                streams=2, window_samples=8, cache_dir=str(tmp_path / "cache"), cache_limit_bytes=8 * sizes[-1])
+                streams=2, window_samples=8, cache_dir=str(tmp_path / "cache"), cache_limit_bytes=16 * sizes[-1])
     stream, keys = _epoch(DataConfig(**base))
     assert stream.order.rank_shard_bound(1) == 8
     _, local_keys = _epoch(DataConfig(**{**base, "train_shards": str(local), "cache_dir": str(tmp_path / "c2")}))
@@ -175,7 +176,7 @@ def test_one_epoch_from_s3_fetches_each_shard_once_into_a_cache_smaller_than_the
     print(f"opens of a cached shard by one worker: at most {max(stream.shard_opens.values())}")
     assert max(stream.shard_opens.values()) <= 2
     cached = sum(p.stat().st_size for p in (tmp_path / "cache" / "shards").glob("*.tar"))
-    assert cached <= 8 * sizes[-1] < sum(sizes)
+    assert cached <= 16 * sizes[-1] < sum(sizes)
 
 
 def _fetch_in_child(root: str, url: str, version: str, size: int, queue) -> None:

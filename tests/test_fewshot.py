@@ -1,0 +1,110 @@
+"""Few-shot probe and kNN monitor: the math against scikit-learn, the picks, the config and the command."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.fewshot.knn import knn_predict
+from pretrain.fewshot.probe import LinearProbe, fit_probe, holdout_mask, pick_shots, select_l2
+
+
+def clusters(classes: int, per_class: int, dim: int, seed: int, draw: int = 0, spread: float = 2.0):
+    """Gaussian blobs with overlapping classes (accuracy well between chance and 1); ``draw`` picks new
+    samples of the same classes (``seed``)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, dim)) * spread / dim ** 0.25
+    scales = rng.uniform(0.5, 3.0, size=dim)
+    labels = np.repeat(np.arange(classes), per_class)
+    noise = np.random.default_rng((seed, draw)).normal(size=(len(labels), dim))
+    features = centres[labels] + noise * scales
+    return features.astype(np.float32), labels
+
+
+def sklearn_ridge_predictions(train, labels, test, classes, l2):
+    """The reference, written out independently: big_vision's standardisation (std + 1e-5), a bias column
+    of 100, ±1 targets from scikit-learn's LabelBinarizer, scikit-learn's Ridge without intercept."""
+    from sklearn.linear_model import Ridge
+    from sklearn.preprocessing import LabelBinarizer
+
+    train, test = train.astype(np.float64), test.astype(np.float64)
+    mean, std = train.mean(0), train.std(0) + 1e-5
+    with_bias = lambda x: np.hstack([(x - mean) / std, np.full((len(x), 1), 100.0)])  # noqa: E731
+    y = LabelBinarizer(neg_label=-1, pos_label=1).fit(np.arange(classes)).transform(labels)
+    ridge = Ridge(alpha=l2, fit_intercept=False, solver="cholesky").fit(with_bias(train), y)
+    return ridge.predict(with_bias(test)).argmax(1), ridge.coef_.T
+
+
+@pytest.mark.parametrize("per_class,dim", [(25, 32), (2, 96)], ids=["more-images-than-dims", "kernel-form"])
+@pytest.mark.parametrize("l2", [2.0 ** 6, 2.0 ** 10])
+def test_probe_predictions_equal_sklearn_ridge(per_class, dim, l2):
+    classes = 10
+    train, labels = clusters(classes, per_class, dim, seed=1)
+    test, test_labels = clusters(classes, 40, dim, seed=1, draw=1)
+    probe = fit_probe(train, labels, classes, l2)
+    expected, coef = sklearn_ridge_predictions(train, labels, test, classes, l2)
+    np.testing.assert_allclose(probe.weights, coef, rtol=1e-7, atol=1e-10)
+    assert (probe.predict(test) == expected).all()
+    accuracy = (expected == test_labels).mean()
+    assert 0.15 < accuracy < 1.0, accuracy  # neither chance nor trivially separable: predictions can differ
+
+
+def test_probe_pack_round_trip():
+    train, labels = clusters(4, 6, 8, seed=2)
+    probe = fit_probe(train, labels, 4, 1024.0)
+    back = LinearProbe.unpack(probe.pack(), 8, 4)
+    assert all(np.array_equal(a, b) for a, b in zip((probe.mean, probe.std, probe.weights),
+                                                     (back.mean, back.std, back.weights)))
+
+
+def test_l2_selection_is_the_best_held_out_sklearn_fit():
+    classes, shots, grid = 8, 10, [2.0 ** e for e in range(6, 11)]
+    train, labels = clusters(classes, shots, 48, seed=3, spread=3.0)
+    held = holdout_mask(labels, shots)
+    assert held.sum() == classes * 2 and all(held[labels == c].sum() == 2 for c in range(classes))
+    scores = [((sklearn_ridge_predictions(train[~held], labels[~held], train[held], classes, l2)[0]
+                == labels[held]).mean(), l2) for l2 in grid]
+    assert select_l2(train, labels, classes, shots, grid, default=1024.0) == max(scores)[1]
+    assert select_l2(train, labels, classes, 1, grid, default=1024.0) == 1024.0
+    assert select_l2(train, labels, classes, shots, [], default=512.0) == 512.0
+
+
+def test_picks_are_seeded_nested_and_per_class():
+    labels = np.repeat(np.arange(5), 30)
+    labels[:3] = -1  # class 0 keeps 27 readable images
+    np.random.default_rng(0).shuffle(labels)
+    picks = pick_shots(labels, 25, seed=0, salt="mnist")
+    assert picks.shape == (5, 25) and len(np.unique(picks)) == picks.size
+    assert all((labels[row] == c).all() for c, row in enumerate(picks))
+    assert np.array_equal(picks, pick_shots(labels, 25, seed=0, salt="mnist"))
+    assert not np.array_equal(picks, pick_shots(labels, 25, seed=1, salt="mnist"))
+    assert not np.array_equal(picks, pick_shots(labels, 25, seed=0, salt="pets"))
+    with pytest.raises(ValueError, match="fewer than 28 images"):
+        pick_shots(labels, 28, seed=0, salt="mnist")
+    bank = pick_shots(labels, 28, seed=0, salt="mnist", exact=False)
+    assert [int((row >= 0).sum()) for row in bank] == [27, 28, 28, 28, 28]
+
+
+def sklearn_knn_predictions(bank, bank_labels, queries, classes, k, temperature):
+    """The reference: brute-force cosine neighbours from scikit-learn, DINO's exp(sim / T) vote."""
+    from sklearn.neighbors import NearestNeighbors
+
+    neighbours = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(bank)
+    distance, index = neighbours.kneighbors(queries)
+    votes = np.zeros((len(queries), classes))
+    for row, (d, i) in enumerate(zip(distance, index)):
+        np.add.at(votes[row], bank_labels[i], np.exp((1.0 - d) / temperature))
+    return votes.argmax(1)
+
+
+@pytest.mark.parametrize("k,temperature", [(20, 0.07), (5, 0.5), (1, 0.07)])
+def test_knn_equals_sklearn_brute_force_cosine(k, temperature):
+    classes = 10
+    bank, bank_labels = clusters(classes, 30, 24, seed=4)
+    queries, query_labels = clusters(classes, 50, 24, seed=4, draw=1)
+    expected = sklearn_knn_predictions(bank, bank_labels, queries, classes, k, temperature)
+    got = knn_predict(torch.from_numpy(bank), torch.from_numpy(bank_labels), torch.from_numpy(queries), classes,
+                      k=k, temperature=temperature).numpy()
+    assert (got == expected).all()
+    assert 0.15 < (expected == query_labels).mean() < 1.0

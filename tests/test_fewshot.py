@@ -108,3 +108,67 @@ def test_knn_equals_sklearn_brute_force_cosine(k, temperature):
                       k=k, temperature=temperature).numpy()
     assert (got == expected).all()
     assert 0.15 < (expected == query_labels).mean() < 1.0
+
+
+# ------------------------------------------------------------- config and preflight
+
+
+def _config(demo_shards, *overrides):
+    from pretrain.config import load_config
+
+    return load_config("configs/pretrain/demo.yaml", [f"data.train_shards={demo_shards}",
+                                                       f"data.eval_shards={demo_shards}", *overrides])
+
+
+def _preflight_error(cfg) -> str:
+    from pretrain.config import ConfigError
+    from pretrain.preflight import preflight
+
+    cfg.validate(1)
+    with pytest.raises(ConfigError) as info:
+        preflight(cfg, 1)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_monitor_datasets_pass_preflight_with_per_dataset_shots(demo_shards, tmp_path):
+    from pretrain.preflight import preflight
+
+    cfg = _config(demo_shards, f"eval.fewshot.datasets={{digits: {demo_shards}, few: {{shards: {demo_shards}, "
+                               "shots: [1, 100]}}", f"eval.knn.datasets={{digits: {demo_shards}}}")
+    cfg.validate(1)
+    preflight(cfg, 1)
+    assert cfg.eval.fewshot.parsed()["few"].shots == [1, 100]
+    message = _preflight_error(_config(demo_shards, f"eval.fewshot.datasets={{few: {{shards: {demo_shards}, "
+                                                    "shots: [1, 160]}}"))
+    assert message.startswith("eval.fewshot.datasets.few: 160 shots need 160 train images a class, but class ")
+    assert "give it shots: [...] of at most" in message
+
+
+@pytest.mark.parametrize("entry, expected", [
+    ("{{digits: {missing}}}", "eval.fewshot.datasets.digits.shards={missing}: {missing}/_info.json does not exist"),
+    ("{{digits: {{shards: {demo}, val_split: test}}}}", "eval.fewshot.datasets.digits.shards={demo}: "),
+], ids=["no-directory", "no-such-split"])
+def test_monitor_dataset_paths_and_splits_fail_preflight(demo_shards, tmp_path, entry, expected):
+    fill = dict(missing=tmp_path / "nowhere", demo=demo_shards)
+    message = _preflight_error(_config(demo_shards, "eval.fewshot.datasets=" + entry.format(**fill)))
+    assert message.startswith(expected.format(**fill)), message
+    knn = _preflight_error(_config(demo_shards, "eval.knn.datasets=" + entry.format(**fill)))
+    assert knn.startswith(expected.format(**fill).replace("eval.fewshot", "eval.knn")), knn
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("eval.knn.k=0", "eval.knn.k=0 must be at least 1"),
+    ("eval.fewshot.shots=[0, 5]", "eval.fewshot shots for digits must be positive"),
+    ("eval.fewshot.l2_grid=[64, -1]", "eval.fewshot.l2_grid=[64.0, -1.0] must be positive values"),
+    ("eval.knn.datasets={digits: /elsewhere}", "eval.knn.datasets.digits differs from eval.fewshot.datasets.digits"),
+    ("eval.fewshot.datasets={digits: {shard: x}}", "config: eval.fewshot.datasets.digits.shard: unknown key 'shard'; "
+                                                   "did you mean 'shards'?"),
+])
+def test_monitor_settings_are_validated_with_the_config(demo_shards, override, expected):
+    from pretrain.config import ConfigError
+
+    cfg = _config(demo_shards, f"eval.fewshot.datasets={{digits: {demo_shards}}}", override)
+    with pytest.raises(ConfigError, match="invalid config") as info:
+        cfg.validate(1)
+    assert expected in str(info.value), str(info.value)

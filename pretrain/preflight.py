@@ -193,10 +193,14 @@ def check_monitor_datasets(cfg: Any, manifests: Manifests, world_size: int) -> N
     """
     from pretrain.config import PretrainEvalConfig
 
-    if not isinstance(cfg.eval, PretrainEvalConfig):
-        return
-    fewshot = cfg.eval.fewshot
-    datasets = {**cfg.eval.knn.parsed(), **fewshot.parsed()}
+    if isinstance(cfg.eval, PretrainEvalConfig):
+        check_monitor_data(cfg.eval)
+
+
+def check_monitor_data(eval_cfg: Any) -> None:
+    """``check_monitor_datasets`` for an eval section alone (``python -m pretrain.fewshot`` has no run config)."""
+    fewshot = eval_cfg.fewshot
+    datasets = {**eval_cfg.knn.parsed(), **fewshot.parsed()}
     for name, dataset in datasets.items():
         section = "eval.fewshot" if name in fewshot.datasets else "eval.knn"
         key = f"{section}.datasets.{name}.shards"

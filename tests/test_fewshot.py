@@ -172,3 +172,114 @@ def test_monitor_settings_are_validated_with_the_config(demo_shards, override, e
     with pytest.raises(ConfigError, match="invalid config") as info:
         cfg.validate(1)
     assert expected in str(info.value), str(info.value)
+
+
+# ------------------------------------------------------------- the monitor on real shards
+
+
+def _reference_features(model, directory, split, data_cfg, img_size):
+    """Every sample of a split in manifest order, read by webdataset, through ``forward_head(pre_logits=True)``."""
+    import webdataset as wds
+
+    from data_tools.manifest import read_split
+    from pretrain.data.transforms import BatchPreprocessor, build_eval_transform
+
+    transform, preprocess = build_eval_transform(data_cfg, img_size), BatchPreprocessor(data_cfg, 10)
+    files = read_split(directory, split)
+    images, labels = [], []
+    for sample in wds.WebDataset([str(p) for p in files.shards], shardshuffle=False, empty_check=False):
+        images.append(transform(sample["png"]))
+        labels.append(int(sample["cls"]))
+    x, _ = preprocess(torch.stack(images), torch.tensor(labels), "cpu", train=False)
+    model.eval()
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(x), pre_logits=True)
+    return features.numpy(), np.array(labels)
+
+
+def test_monitor_figures_equal_a_reference_built_from_webdataset_and_sklearn(demo_shards, tmp_path):
+    """The whole in-loop path (tar-header catalog, picks, rank-shared extraction, probe, kNN) against a
+    reference that shares none of it: webdataset reads, ``forward_head(pre_logits=True)``, scikit-learn."""
+    from pretrain.fewshot.monitor import Monitor
+    from pretrain.model import build_vit
+
+    cfg = _config(demo_shards, f"eval.fewshot.datasets={{digits: {demo_shards}}}", "eval.fewshot.shots=[1, 5]",
+                  "eval.fewshot.seeds=2", f"eval.knn.datasets={{digits: {demo_shards}}}", "eval.knn.bank_per_class=30",
+                  "data.num_workers=0", "eval.fewshot.batch_size=64")
+    torch.manual_seed(0)
+    model = build_vit(cfg.model.variant, **cfg.model.build_kwargs())  # demo head: tanh pre-logits layer of 96
+    monitor = Monitor(cfg.eval.fewshot, cfg.eval.knn, cfg.data, cfg.model.img_size, 0, 1, torch.device("cpu"),
+                      run_dir=tmp_path)
+    record = monitor.evaluate(model, step=7)
+    again = monitor.evaluate(model, step=7)
+    assert (again.fewshot, again.knn) == (record.fewshot, record.knn)
+
+    train, train_labels = _reference_features(model, demo_shards, "train", cfg.data, cfg.model.img_size)
+    val, val_labels = _reference_features(model, demo_shards, "val", cfg.data, cfg.model.img_size)
+    for shots in (1, 5):
+        expected = []
+        for seed in range(2):
+            chosen = pick_shots(train_labels, 5, seed, "digits")[:, :shots].ravel()
+            predicted, _ = sklearn_ridge_predictions(train[chosen], train_labels[chosen], val, 10, 1024.0)
+            expected.append((predicted == val_labels).mean())
+        assert record.fewshot["digits"][f"{shots}shot"]["seeds"] == pytest.approx(expected, abs=1e-12)
+    bank = pick_shots(train_labels, 30, 0, "digits/knn", exact=False).ravel()
+    knn = (sklearn_knn_predictions(train[bank], train_labels[bank], val, 10, 20, 0.07) == val_labels).mean()
+    assert record.knn["digits"]["top1"] == pytest.approx(knn, abs=1e-12)
+    assert record.scalars()["fewshot/digits/5shot"] == pytest.approx(np.mean(expected))
+    picked = np.r_[pick_shots(train_labels, 5, 0, "digits").ravel(), pick_shots(train_labels, 5, 1, "digits").ravel()]
+    assert record.images == len(np.unique(np.r_[picked, bank])) + len(val_labels)
+
+
+# ------------------------------------------------------------- sources of the command
+
+
+@pytest.mark.parametrize("pool, pre_logits", [("token", None), ("token", 48), ("gap", None)])
+def test_architecture_is_read_off_timm_named_weights(tmp_path, pool, pre_logits):
+    from safetensors.torch import save_file
+
+    from pretrain.config import DataConfig
+    from pretrain.data.transforms import BatchPreprocessor
+    from pretrain.fewshot.features import extract
+    from pretrain.fewshot.source import config_from_state_dict, load_source
+    from pretrain.model import build_vit
+
+    model = build_vit("S/16", img_size=64, num_classes=7, pre_logits=pre_logits, pool=pool, depth=2)
+    config = model.config.to_dict()
+    read = config_from_state_dict(model.state_dict())
+    assert {key: config[key] for key in read} == read
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    loaded = load_source(str(tmp_path / "model.safetensors"))
+    x = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    args = (BatchPreprocessor(DataConfig(), 1), torch.device("cpu"), torch.float32, 64)
+    ours, _ = extract(loaded, [(x, torch.arange(3))], *args)
+    expected, _ = extract(model, [(x, torch.arange(3))], *args)
+    assert torch.equal(ours, expected) and ours.shape == (3, 384)
+
+
+def test_timm_weights_give_timms_pre_logits_features(tmp_path):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    from pretrain.fewshot.features import pre_logits_hook
+    from pretrain.fewshot.source import load_source
+
+    reference = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=192, depth=2,
+                                                                  num_heads=3, num_classes=5).eval()
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    model = load_source(str(tmp_path))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad(), pre_logits_hook(model) as captured:
+        model(x)
+        expected = reference.forward_head(reference.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(captured[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_source_errors_say_what_is_accepted(tmp_path):
+    from pretrain.fewshot.source import SourceError, load_source
+
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(SourceError, match="is not a .safetensors file, a directory with model.safetensors"):
+        load_source(str(tmp_path))
+    with pytest.raises(SourceError, match="does not exist"):
+        load_source(str(tmp_path / "missing"))

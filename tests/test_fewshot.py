@@ -42,32 +42,33 @@ def test_probe_predictions_equal_sklearn_ridge(per_class, dim, l2):
     classes = 10
     train, labels = clusters(classes, per_class, dim, seed=1)
     test, test_labels = clusters(classes, 40, dim, seed=1, draw=1)
-    probe = fit_probe(train, labels, classes, l2)
+    probe = fit_probe(torch.from_numpy(train), torch.from_numpy(labels), classes, l2)
     expected, coef = sklearn_ridge_predictions(train, labels, test, classes, l2)
-    np.testing.assert_allclose(probe.weights, coef, rtol=1e-7, atol=1e-10)
-    assert (probe.predict(test) == expected).all()
+    np.testing.assert_allclose(probe.weights.numpy(), coef, rtol=1e-7, atol=1e-10)
+    assert (probe.predict(torch.from_numpy(test)).numpy() == expected).all()
     accuracy = (expected == test_labels).mean()
     assert 0.15 < accuracy < 1.0, accuracy  # neither chance nor trivially separable: predictions can differ
 
 
 def test_probe_pack_round_trip():
     train, labels = clusters(4, 6, 8, seed=2)
-    probe = fit_probe(train, labels, 4, 1024.0)
+    probe = fit_probe(torch.from_numpy(train), torch.from_numpy(labels), 4, 1024.0)
     back = LinearProbe.unpack(probe.pack(), 8, 4)
-    assert all(np.array_equal(a, b) for a, b in zip((probe.mean, probe.std, probe.weights),
+    assert all(torch.equal(a, b) for a, b in zip((probe.mean, probe.std, probe.weights),
                                                      (back.mean, back.std, back.weights)))
 
 
 def test_l2_selection_is_the_best_held_out_sklearn_fit():
     classes, shots, grid = 8, 10, [2.0 ** e for e in range(6, 11)]
     train, labels = clusters(classes, shots, 48, seed=3, spread=3.0)
-    held = holdout_mask(labels, shots)
+    held = holdout_mask(torch.from_numpy(labels), shots).numpy()
     assert held.sum() == classes * 2 and all(held[labels == c].sum() == 2 for c in range(classes))
     scores = [((sklearn_ridge_predictions(train[~held], labels[~held], train[held], classes, l2)[0]
                 == labels[held]).mean(), l2) for l2 in grid]
-    assert select_l2(train, labels, classes, shots, grid, default=1024.0) == max(scores)[1]
-    assert select_l2(train, labels, classes, 1, grid, default=1024.0) == 1024.0
-    assert select_l2(train, labels, classes, shots, [], default=512.0) == 512.0
+    features, targets = torch.from_numpy(train), torch.from_numpy(labels)
+    assert select_l2(features, targets, classes, shots, grid, default=1024.0) == max(scores)[1]
+    assert select_l2(features, targets, classes, 1, grid, default=1024.0) == 1024.0
+    assert select_l2(features, targets, classes, shots, [], default=512.0) == 512.0
 
 
 def test_picks_are_seeded_nested_and_per_class():

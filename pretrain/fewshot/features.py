@@ -204,9 +204,9 @@ def extract_rows(model: nn.Module, catalog: Catalog, rows: np.ndarray, transform
     return gathered[:, :-1], gathered[:, -1].numpy() > 0
 
 
-def share_from_main(values: Optional[np.ndarray], size: int, is_main: bool) -> np.ndarray:
-    """Rank 0's float64 ``values`` on every rank (a sum all-reduce where the other ranks add zeros)."""
+def share_from_main(values: Optional[torch.Tensor], size: int, is_main: bool) -> torch.Tensor:
+    """Rank 0's float64 ``values`` (host) on every rank (a sum all-reduce where the other ranks add zeros)."""
     buffer = torch.zeros(size, dtype=torch.float64)
     if is_main:
-        buffer[:] = torch.from_numpy(values)
-    return collective.sum_(buffer).numpy()
+        buffer[:] = values
+    return collective.sum_(buffer)

@@ -197,7 +197,7 @@ class Monitor:
                                            self.img_size)
         classes = state.catalog.classes
         probes = self._fit_probes(state, rows, features, readable, classes) if use_probe else []
-        correct = [int((classes[probe.predict(val_features.numpy())] == val_labels.numpy()).sum())
+        correct = [int((classes[probe.predict(val_features).cpu().numpy()] == val_labels.numpy()).sum())
                    for probe in probes]
         if use_knn:
             in_bank = np.searchsorted(rows, state.bank)
@@ -223,23 +223,23 @@ class Monitor:
 
     def _fit_probes(self, state: DatasetState, rows: np.ndarray, features: torch.Tensor, readable: np.ndarray,
                     classes: np.ndarray) -> list["FittedProbe"]:
-        """One probe per (shots, seed), shots-major, fitted on rank 0 and shared with every rank."""
+        """One probe per (shots, seed), shots-major, fitted on rank 0 (on its device) and shared with every rank."""
         dim, count = features.shape[1], len(classes)
         size = 2 * dim + (dim + 1) * count
         jobs = [(shots, seed) for shots in state.shots for seed in range(self.fewshot.seeds)]
-        packed, l2s = None, np.zeros(len(jobs))
+        packed = None
         if self.rank == 0:
-            x_all = features.double().numpy()
-            fitted = []
-            for index, (shots, seed) in enumerate(jobs):
-                picked = state.picks[seed][:, :shots].ravel()
-                where = np.searchsorted(rows, picked)
+            on_device = features.to(self.device, torch.float64)
+            fitted, l2s = [], []
+            for shots, seed in jobs:
+                where = np.searchsorted(rows, state.picks[seed][:, :shots].ravel())
                 where = where[readable[where]]
-                x, y = x_all[where], np.searchsorted(classes, state.catalog.labels[rows[where]])
-                l2s[index] = select_l2(x, y, count, shots, self.fewshot.l2_grid, self.fewshot.l2)
-                fitted.append(ridge_cache(x, y, count).probe(l2s[index]).pack())
-            packed = np.concatenate([*fitted, l2s])
-        flat = share_from_main(packed, len(jobs) * size + len(jobs), self.rank == 0)
+                x = on_device[torch.from_numpy(where).to(self.device)]
+                y = torch.from_numpy(np.searchsorted(classes, state.catalog.labels[rows[where]]))
+                l2s.append(select_l2(x, y, count, shots, self.fewshot.l2_grid, self.fewshot.l2))
+                fitted.append(ridge_cache(x, y, count).probe(l2s[-1]).pack().cpu())
+            packed = torch.cat([*fitted, torch.tensor(l2s, dtype=torch.float64)])
+        flat = share_from_main(packed, len(jobs) * size + len(jobs), self.rank == 0).to(self.device)
         return [FittedProbe.of(LinearProbe.unpack(flat[i * size:(i + 1) * size], dim, count), flat[-len(jobs) + i])
                 for i in range(len(jobs))]
 

@@ -12,8 +12,10 @@ gives the weights of every λ for the price of a matrix product, so choosing λ 
 with 25 shots x 1,000 classes and 768 dimensions the Gram matrix's condition number
 reaches 1e7 at small λ; float32 loses the last digits of the weights there.
 
-Everything here is NumPy on the host and deterministic: the same features give the same
-weights on every machine that runs the same LAPACK.
+Why torch and not NumPy: the fit runs where its features are, on rank 0's accelerator in
+training. ImageNet-1k's 12 probes (1-25 shots, 3 seeds) are ~100 GFLOP of float64 Gram
+matrices: minutes on two CPU cores (``benchmarks/monitor_cost.py``), milliseconds on a GPU.
+``XᵀY`` is formed from per-class sums of X (``index_add_``), O(N·D) instead of O(N·D·C).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from pretrain.data.samples import derive_seed
 
@@ -34,86 +38,84 @@ HOLDOUT_FRACTION = 5
 
 @dataclass(frozen=True)
 class LinearProbe:
-    """A fitted probe: what is needed to score new features (and what rank 0 broadcasts)."""
+    """A fitted probe: what is needed to score new features (and what rank 0 shares), float64 tensors."""
 
-    mean: np.ndarray
+    mean: torch.Tensor
     """(D,) per-dimension mean of the few-shot features."""
-    std: np.ndarray
+    std: torch.Tensor
     """(D,) their standard deviation plus ``STD_EPS``."""
-    weights: np.ndarray
+    weights: torch.Tensor
     """(D + 1, C): the last row multiplies the bias feature."""
 
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        """Class index per row of ``features`` (N, D)."""
-        return (design_matrix(features, self.mean, self.std) @ self.weights).argmax(axis=1)
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """Class index (row of the targets) per row of ``features`` (N, D), on the probe's device."""
+        return (design_matrix(features.to(self.weights.device), self.mean, self.std) @ self.weights).argmax(dim=1)
 
-    def pack(self) -> np.ndarray:
+    def pack(self) -> torch.Tensor:
         """Flat float64 vector (mean, std, weights): one collective carries a probe."""
-        return np.concatenate([self.mean, self.std, self.weights.ravel()])
+        return torch.cat([self.mean, self.std, self.weights.flatten()])
 
     @classmethod
-    def unpack(cls, flat: np.ndarray, dim: int, num_classes: int) -> "LinearProbe":
+    def unpack(cls, flat: torch.Tensor, dim: int, num_classes: int) -> "LinearProbe":
         return cls(flat[:dim], flat[dim:2 * dim], flat[2 * dim:].reshape(dim + 1, num_classes))
 
 
-def design_matrix(features: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+def design_matrix(features: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Standardised float64 features with the bias column appended."""
-    x = (np.asarray(features, dtype=np.float64) - mean) / std
-    return np.pad(x, ((0, 0), (0, 1)), constant_values=BIAS_CONSTANT)
-
-
-def targets(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """One-hot rows mapped to {-1, +1}."""
-    return 2.0 * np.eye(num_classes)[labels] - 1.0
+    return F.pad((features.double() - mean) / std, (0, 1), value=BIAS_CONSTANT)
 
 
 @dataclass(frozen=True)
 class RidgeCache:
     """The eigendecomposition behind every λ's weights (big_vision's ``_precompute_cache``)."""
 
-    mean: np.ndarray
-    std: np.ndarray
-    eigs: np.ndarray
-    lhs: np.ndarray
-    rhs: np.ndarray
+    mean: torch.Tensor
+    std: torch.Tensor
+    eigs: torch.Tensor
+    lhs: torch.Tensor
+    rhs: torch.Tensor
 
     def probe(self, l2: float) -> LinearProbe:
         """Ridge weights for penalty ``l2``: ``lhs @ diag(1 / (eigs + l2)) @ rhs``."""
         return LinearProbe(self.mean, self.std, self.lhs @ (self.rhs / (self.eigs + l2)[:, None]))
 
 
-def ridge_cache(features: np.ndarray, labels: np.ndarray, num_classes: int) -> RidgeCache:
-    """Standardise, append the bias, and diagonalise the smaller of ``XᵀX`` and ``XXᵀ``.
+def ridge_cache(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> RidgeCache:
+    """Standardise, append the bias, and diagonalise the smaller of ``XᵀX`` and ``XXᵀ`` (on ``features``' device).
 
     ``N >= D``: weights ``Q diag(1/(e+λ)) Qᵀ XᵀY``. ``N < D``: the kernel form
     ``Xᵀ(XXᵀ + λI)⁻¹Y = XᵀQ diag(1/(e+λ)) QᵀY``; both equal ``(XᵀX + λI)⁻¹XᵀY``.
+    ``labels`` are target rows in ``[0, num_classes)``.
     """
-    features = np.asarray(features, dtype=np.float64)
-    mean = features.mean(axis=0)
-    std = features.std(axis=0) + STD_EPS
+    features = features.double()
+    labels = labels.to(features.device)
+    mean = features.mean(dim=0)
+    std = features.std(dim=0, unbiased=False) + STD_EPS
     x = design_matrix(features, mean, std)
-    y = targets(labels, num_classes)
     if x.shape[0] >= x.shape[1]:
-        eigs, q = np.linalg.eigh(x.T @ x)
-        return RidgeCache(mean, std, eigs, q, q.T @ (x.T @ y))
-    eigs, q = np.linalg.eigh(x @ x.T)
+        # Xᵀ(2·onehot − 1) = 2·(per-class sums of X)ᵀ − (column sums of X)
+        sums = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+        eigs, q = torch.linalg.eigh(x.T @ x)
+        return RidgeCache(mean, std, eigs, q, q.T @ (2.0 * sums.T - x.sum(dim=0)[:, None]))
+    y = 2.0 * F.one_hot(labels, num_classes).double() - 1.0
+    eigs, q = torch.linalg.eigh(x @ x.T)
     return RidgeCache(mean, std, eigs, x.T @ q, q.T @ y)
 
 
-def fit_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, l2: float) -> LinearProbe:
+def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float) -> LinearProbe:
     return ridge_cache(features, labels, num_classes).probe(l2)
 
 
-def holdout_mask(labels: np.ndarray, shots: int) -> np.ndarray:
+def holdout_mask(labels: torch.Tensor, shots: int) -> torch.Tensor:
     """True for the last ``max(1, shots // HOLDOUT_FRACTION)`` images of each class (picks are in random order)."""
-    held = np.zeros(len(labels), dtype=bool)
+    held = torch.zeros(len(labels), dtype=torch.bool)
     count = max(1, shots // HOLDOUT_FRACTION)
-    for label in np.unique(labels):
-        held[np.flatnonzero(labels == label)[-count:]] = True
+    for label in labels.unique():
+        held[torch.nonzero(labels.cpu() == label.cpu()).flatten()[-count:]] = True
     return held
 
 
-def select_l2(features: np.ndarray, labels: np.ndarray, num_classes: int, shots: int, grid: Sequence[float],
+def select_l2(features: torch.Tensor, labels: torch.Tensor, num_classes: int, shots: int, grid: Sequence[float],
               default: float) -> float:
     """The grid's λ with the best accuracy on the held-out part of the few-shot images.
 
@@ -122,9 +124,10 @@ def select_l2(features: np.ndarray, labels: np.ndarray, num_classes: int, shots:
     """
     if not grid or shots < 2:
         return default
-    held = holdout_mask(labels, shots)
+    held = holdout_mask(labels, shots).to(features.device)
+    labels = labels.to(features.device)
     cache = ridge_cache(features[~held], labels[~held], num_classes)
-    scores = [(float((cache.probe(l2).predict(features[held]) == labels[held]).mean()), l2) for l2 in grid]
+    scores = [(float((cache.probe(l2).predict(features[held]) == labels[held]).double().mean()), l2) for l2 in grid]
     return max(scores)[1]
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from pretrain.fewshot.knn import knn_predict
 from pretrain.fewshot.probe import LinearProbe, fit_probe, holdout_mask, pick_shots, select_l2
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def clusters(classes: int, per_class: int, dim: int, seed: int, draw: int = 0, spread: float = 2.0):
@@ -284,3 +288,25 @@ def test_source_errors_say_what_is_accepted(tmp_path):
         load_source(str(tmp_path))
     with pytest.raises(SourceError, match="does not exist"):
         load_source(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("recipe", ["vit_b16_i21k.yaml", "vit_l16_i21k.yaml", "vit_h14_i21k_zero3.yaml", "demo.yaml"])
+def test_commented_monitor_blocks_of_the_recipes_load(recipe):
+    """The commented ``eval.fewshot`` / ``eval.knn`` blocks are valid config once uncommented."""
+    import json
+
+    import yaml
+
+    from pretrain.config import apply_overrides, load_config
+
+    text = (REPO / "configs" / "pretrain" / recipe).read_text().splitlines()
+    start = text.index("  # fewshot:")
+    block = []
+    for line in text[start:]:
+        if not line.startswith("  # "):
+            break
+        block.append(line[4:])
+    sections = yaml.safe_load("\n".join(block))
+    cfg = apply_overrides(load_config(REPO / "configs" / "pretrain" / recipe),
+                          [f"eval.{name}={json.dumps(section)}" for name, section in sections.items()])
+    assert cfg.eval.errors() == [] and cfg.eval.fewshot.every_steps and cfg.eval.knn.k == 20

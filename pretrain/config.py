@@ -256,6 +256,103 @@ class EvalConfig:
 
 
 @dataclass
+class ProbeDataset:
+    """A labelled shard directory (``python -m data_tools convert``) the representation monitors read."""
+
+    shards: str = ""
+    """Shard directory with ``_info.json``; its train split gives the few-shot images and the kNN bank."""
+    train_split: str = "train"
+    val_split: str = "val"
+    """Scored split: every sample of it, spread over the ranks."""
+    shots: Optional[list[int]] = None
+    """Shot counts for this dataset (e.g. ``[1, 5, 10]`` for Flowers' 10 train images a class); None: the section's."""
+
+
+def probe_datasets(specs: dict[str, Any], where: str) -> dict[str, ProbeDataset]:
+    """``name: DIR`` or ``name: {shards: DIR, train_split, val_split, shots}`` entries, strictly loaded."""
+    parsed = {}
+    for name, spec in specs.items():
+        dataset = ProbeDataset()
+        _merge(dataset, {"shards": spec} if isinstance(spec, str) else spec, "config", f"{where}.{name}.")
+        parsed[str(name)] = dataset
+    return parsed
+
+
+@dataclass
+class FewShotConfig:
+    """big_vision's few-shot linear probe on pre-logits features (``pretrain/fewshot``)."""
+
+    datasets: dict[str, Any] = field(default_factory=dict)
+    """``name: DIR`` or ``name: {shards: DIR, train_split: train, val_split: val, shots: [...]}``; empty: off."""
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])
+    seeds: int = 3
+    """Draws of the few-shot images per shot count; figures are the mean and spread over them."""
+    l2: float = 1024.0
+    """Ridge penalty (big_vision's 2^10), used as is when ``l2_grid`` is empty."""
+    l2_grid: list[float] = field(default_factory=list)
+    """Candidate penalties (e.g. ``[64, 128, 256, 512, 1024]``): the best on a held-out part of the
+    few-shot images (a fifth of each class, at least one) is refitted on all of them; 1 shot uses ``l2``."""
+    every_steps: int = 0
+    """Probe every this many optimizer steps; 0: only at the end."""
+    batch_size: int = 0
+    """Images per process per forward; 0: ``data.eval_batch_size`` or ``data.micro_batch_size``."""
+
+    def parsed(self) -> dict[str, ProbeDataset]:
+        return probe_datasets(self.datasets, "eval.fewshot.datasets")
+
+
+@dataclass
+class KnnConfig:
+    """DINO's weighted k-nearest-neighbour monitor on pre-logits features (``pretrain/fewshot/knn.py``)."""
+
+    datasets: dict[str, Any] = field(default_factory=dict)
+    """As ``eval.fewshot.datasets``; a name in both must have the same entry (its features are shared)."""
+    k: int = 20
+    temperature: float = 0.07
+    bank_per_class: int = 100
+    """Train images a class in the neighbour bank (drawn once, seed 0); 0: the whole train split."""
+    every_steps: int = 0
+    """Every this many optimizer steps; 0: only at the end."""
+
+    def parsed(self) -> dict[str, ProbeDataset]:
+        return probe_datasets(self.datasets, "eval.knn.datasets")
+
+
+@dataclass
+class PretrainEvalConfig(EvalConfig):
+    """Pretraining's evaluation: top-1/top-5 on ``data.eval_shards`` plus the representation monitors."""
+
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+
+    def errors(self) -> list[str]:
+        """Settings the monitors cannot run with (paths and class counts are ``pretrain.preflight``'s)."""
+        fewshot, knn = self.fewshot, self.knn
+        errors = []
+        try:
+            shots = {name: d.shots or fewshot.shots for name, d in fewshot.parsed().items()}
+            both = set(fewshot.datasets) & set(knn.datasets)
+            errors += [f"eval.knn.datasets.{name} differs from eval.fewshot.datasets.{name}: one name, one dataset"
+                       for name in sorted(both) if fewshot.parsed()[name] != knn.parsed()[name]]
+            knn.parsed()
+        except ConfigError as exn:
+            return [str(exn)]
+        errors += [f"eval.fewshot shots for {name} must be positive, got {counts}"
+                   for name, counts in shots.items() if not counts or min(counts) < 1]
+        checks = [("eval.fewshot.seeds", fewshot.seeds, fewshot.seeds >= 1, "at least 1"),
+                  ("eval.fewshot.l2", fewshot.l2, fewshot.l2 > 0, "positive"),
+                  ("eval.fewshot.l2_grid", fewshot.l2_grid, all(v > 0 for v in fewshot.l2_grid), "positive values"),
+                  ("eval.knn.k", knn.k, knn.k >= 1, "at least 1"),
+                  ("eval.knn.temperature", knn.temperature, knn.temperature > 0, "positive"),
+                  ("eval.knn.bank_per_class", knn.bank_per_class, knn.bank_per_class >= 0, "0 or more"),
+                  ("eval.fewshot.every_steps", fewshot.every_steps, fewshot.every_steps >= 0, "0 or more"),
+                  ("eval.knn.every_steps", knn.every_steps, knn.every_steps >= 0, "0 or more"),
+                  ("eval.fewshot.batch_size", fewshot.batch_size, fewshot.batch_size >= 0, "0 or more")]
+        errors += [f"{key}={value} must be {rule}" for key, value, ok, rule in checks if not ok]
+        return errors
+
+
+@dataclass
 class LoggingConfig:
     """TensorBoard and console output."""
 
@@ -279,12 +376,15 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: PretrainEvalConfig = field(default_factory=PretrainEvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self, world_size: int = 1, check_paths: bool = True) -> None:
         """Reject impossible settings before any process group starts."""
         validate_common(self, world_size, check_paths)
+        errors = self.eval.errors()
+        if errors:
+            raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
 C = typing.TypeVar("C")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -62,43 +62,55 @@ class EvalResult:
                 writer.writerow([index, name, correct, total, f"{correct / total:.6f}" if total else ""])
 
 
-@torch.no_grad()
-def evaluate_model(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                   preprocess: BatchPreprocessor, num_classes: int, img_size: int, device: torch.device,
-                   max_batches: int = 0, dtype: torch.dtype = torch.float32) -> EvalResult:
-    """Count correct predictions over this process' ``batches``, then sum over all processes.
+def lockstep(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], dummy: tuple[torch.Tensor, torch.Tensor],
+             max_batches: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
+    """``(images, payload, real)`` until no process has a batch left; ``dummy`` (``real=False``) where this one ran out.
 
     With several processes, all of them agree before every batch whether anyone still
     has one, and those that ran out forward a dummy image: under ZeRO-3 a forward is a
-    collective that every rank must join (plain DDP would not need it). ``dtype`` is
-    the input dtype the model computes in (a DeepSpeed bf16 engine takes bf16 inputs;
-    Accelerate's autocast takes fp32).
+    collective that every rank must join (plain DDP would not need it).
     """
-    was_training = model.training
-    model.eval()
-    k = min(TOP_K, num_classes)
-    # Row 0: correct top-1 per class, row 1: correct top-k per class, row 2: samples per class.
-    counts = torch.zeros(3, num_classes, dtype=torch.int64, device=device)
-    dummy = (torch.zeros(1, 3, img_size, img_size, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64))
     iterator = iter(batches)
     index = 0
     while not max_batches or index < max_batches:
         batch = next(iterator, None)
         if collective.active():
             if not collective.any_true(batch is not None):
-                break
+                return
         elif batch is None:
-            break
-        images, labels = batch if batch is not None else dummy
+            return
+        yield (*(batch if batch is not None else dummy), batch is not None)
+        index += 1
+
+
+def dummy_batch(img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One black image with label 0: what a process forwards when it has no batch left (``lockstep``)."""
+    return torch.zeros(1, 3, img_size, img_size, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                   preprocess: BatchPreprocessor, num_classes: int, img_size: int, device: torch.device,
+                   max_batches: int = 0, dtype: torch.dtype = torch.float32) -> EvalResult:
+    """Count correct predictions over this process' ``batches``, then sum over all processes.
+
+    Processes forward in ``lockstep``. ``dtype`` is the input dtype the model computes in
+    (a DeepSpeed bf16 engine takes bf16 inputs; Accelerate's autocast takes fp32).
+    """
+    was_training = model.training
+    model.eval()
+    k = min(TOP_K, num_classes)
+    # Row 0: correct top-1 per class, row 1: correct top-k per class, row 2: samples per class.
+    counts = torch.zeros(3, num_classes, dtype=torch.int64, device=device)
+    for images, labels, real in lockstep(batches, dummy_batch(img_size), max_batches):
         x, _ = preprocess(images, labels, device, dtype, train=False)
         logits = model(x)
-        if batch is not None:
+        if real:
             target = labels.to(device)
             hit = logits.float().topk(k, dim=-1).indices == target[:, None]
             counts[0].index_add_(0, target, hit[:, 0].long())
             counts[1].index_add_(0, target, hit.any(dim=-1).long())
             counts[2].index_add_(0, target, torch.ones_like(target))
-        index += 1
     counts = collective.sum_(counts)
     model.train(was_training)
     per_class = counts.cpu().tolist()

@@ -228,9 +228,56 @@ def check_cache_holds_working_set(cfg: Any, manifests: Manifests, world_size: in
     need = shards * largest
     if need > data.cache_limit_bytes:
         raise ConfigError(f"data.cache_limit_bytes={data.cache_limit_bytes} is less than the {need} bytes the node's "
-                          f"{ranks} ranks x {max(1, data.num_workers)} loader workers may read at once ({shards} shards of up to {largest} bytes): raise it, or set"
-                          f" data.window_samples (now {data.window_samples}) to bound the shards each stream reads at "
-                          "once (pretrain/data/order)")
+                          f"{ranks} ranks x {max(1, data.num_workers)} loader workers may read at once ({shards} shards "
+                          f"of up to {largest} bytes): raise it, or set data.window_samples (now "
+                          f"{data.window_samples}) to bound the shards each stream reads at once (pretrain/data/order)")
+
+
+def _split_class_counts(key: str, directory: Path, split: str) -> Optional[dict[int, int]]:
+    """Images per class of one split of a monitor dataset (None when ``_info.json`` has no stats);
+    ConfigError when the directory, the split or one of its shards is missing."""
+    try:
+        files = read_split(directory, split)
+    except (FileNotFoundError, KeyError, ValueError, TypeError) as exn:
+        raise ConfigError(f"{key}={directory}: {exn.args[0] if exn.args else exn}") from None
+    missing = [path for path in files.shards if not path.is_file()]
+    if not files.shards or not sum(files.lengths) or missing:
+        raise ConfigError(f"{key}={directory}: split {split!r} lists {len(files.shards)} shards and "
+                          f"{sum(files.lengths)} samples" + (f", {missing[0]} does not exist" if missing else "")
+                          + ": convert the dataset with `python -m data_tools convert`")
+    counts = read_info(directory)["splits"][split].get("stats", {}).get("class_counts")
+    return {int(label): int(count) for label, count in counts.items()} if counts else None
+
+
+def check_monitor_datasets(cfg: Any, manifests: Manifests, world_size: int) -> None:
+    """The few-shot and kNN datasets (``eval.fewshot``, ``eval.knn``) exist and have enough images a class.
+
+    A shot count above the smallest class of the train split would stop the run at its first
+    probe, hours in; the converter's class counts decide it here. Finetuning has no monitors.
+    """
+    from pretrain.config import PretrainEvalConfig
+
+    if isinstance(cfg.eval, PretrainEvalConfig):
+        check_monitor_data(cfg.eval)
+
+
+def check_monitor_data(eval_cfg: Any) -> None:
+    """``check_monitor_datasets`` for an eval section alone (``python -m pretrain.fewshot`` has no run config)."""
+    fewshot = eval_cfg.fewshot
+    datasets = {**eval_cfg.knn.parsed(), **fewshot.parsed()}
+    for name, dataset in datasets.items():
+        section = "eval.fewshot" if name in fewshot.datasets else "eval.knn"
+        key = f"{section}.datasets.{name}.shards"
+        counts = _split_class_counts(key, Path(dataset.shards), dataset.train_split)
+        _split_class_counts(key, Path(dataset.shards), dataset.val_split)
+        if name not in fewshot.datasets or counts is None:
+            continue
+        shots = max(dataset.shots or fewshot.shots)
+        label, fewest = min(counts.items(), key=lambda item: (item[1], item[0]))
+        if fewest < shots:
+            raise ConfigError(f"eval.fewshot.datasets.{name}: {shots} shots need {shots} train images a class, but "
+                              f"class {label} of split {dataset.train_split!r} of {dataset.shards} has {fewest}: "
+                              f"give it shots: [...] of at most {fewest}")
 
 
 CHECKS: tuple[Callable[[Any, Manifests, int], None], ...] = (
@@ -239,6 +286,7 @@ CHECKS: tuple[Callable[[Any, Manifests, int], None], ...] = (
     check_num_classes,
     check_cache_holds_working_set,
     check_train_indexes,
+    check_monitor_datasets,
 )
 """Run in this order by ``preflight``; add a check here."""
 

@@ -37,6 +37,7 @@ from pretrain.distributed import DistEnv
 from pretrain.engine import (build_engine, current_lr, deepspeed_config, global_grad_norm, grad_accum_steps,
                              optimizer_state_elements, skip_step_if)
 from pretrain.evaluate import evaluate_model
+from pretrain.fewshot.monitor import Monitor
 from pretrain.flops import flops_per_image
 from pretrain.loss import build_loss, target_kind
 from pretrain.metrics import MetricsWriter, Throughput, console_line, device_peak_tflops, finish_device_work, memory_gb
@@ -101,6 +102,8 @@ class Run:
     dtype: torch.dtype
     window: StepWindow
     keylog: Optional[KeyLog] = None
+    monitor: Optional[Monitor] = None
+    """Few-shot probe and kNN monitor (``eval.fewshot``, ``eval.knn``); None when neither has datasets."""
     state: TrainState = field(default_factory=TrainState)
     last_saved: int = -1
     window_start: float = 0.0
@@ -166,6 +169,8 @@ def setup(cfg: Config, env: DistEnv, device: torch.device, flag: PreemptionFlag)
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
     peak = device_peak_tflops(device, cfg.logging.peak_tflops)
+    monitor = Monitor(cfg.eval.fewshot, cfg.eval.knn, cfg.data, cfg.model.img_size, env.rank, env.world_size, device,
+                      dtype, run_dir)
     return Run(
         cfg=cfg, env=env, device=device, engine=engine, stream=stream, eval_stream=eval_stream,
         preprocess=BatchPreprocessor(cfg.data, cfg.model.num_classes, target_kind(cfg.optim)),
@@ -175,6 +180,7 @@ def setup(cfg: Config, env: DistEnv, device: torch.device, flag: PreemptionFlag)
         flag=flag, shapes=shapes, grad_accum=grad_accum, dtype=dtype,
         window=StepWindow(device, grad_accum * env.world_size),
         keylog=KeyLog(run_dir, env.rank) if cfg.data.log_keys else None,
+        monitor=monitor if monitor.enabled else None,
         state=state, last_saved=state.step if latest is not None else -1,
     )
 
@@ -257,7 +263,8 @@ def sync_due(run: Run, first_step: int) -> bool:
     """Whether this step ends a window: logging, checkpoint, evaluation, last step, or the process' first step."""
     cfg, step = run.cfg, run.state.step
     return (step in (first_step, cfg.schedule.total_steps) or step % cfg.logging.every_steps == 0
-            or any(every and step % every == 0 for every in (cfg.checkpoint.every_steps, cfg.eval.every_steps)))
+            or any(every and step % every == 0 for every in (cfg.checkpoint.every_steps, cfg.eval.every_steps,
+                                                             cfg.eval.fewshot.every_steps, cfg.eval.knn.every_steps)))
 
 
 def settle(run: Run) -> tuple[int, bool]:
@@ -309,6 +316,21 @@ def maybe_evaluate(run: Run, final: bool = False) -> None:
                  scalars["eval/top5"], scalars["eval/samples"])
         run.writer.write(run.state.step, scalars)
         run.writer.flush()
+
+
+def maybe_monitor(run: Run, final: bool = False) -> None:
+    """The few-shot probe and kNN monitor where due (``Monitor.due``): TensorBoard, metrics.jsonl and fewshot.jsonl."""
+    if run.monitor is None:
+        return
+    fewshot, knn = run.monitor.due(run.state.step, final)
+    if not (fewshot or knn):
+        return
+    record = run.monitor.evaluate(run.engine, run.state.step, fewshot, knn)
+    log.info("representation monitors at step %d (%d images, %.1f s):\n%s", record.step, record.images,
+             record.seconds, record.table())
+    run.writer.write(run.state.step, {**record.scalars(), "perf/monitor_seconds": record.seconds})
+    run.writer.flush()
+    run.monitor.write(record)
 
 
 # ---------------------------------------------------------------------- loop
@@ -375,6 +397,7 @@ def _loop(run: Run) -> int:
                         "saved" if ok else "could NOT save", state.step, EXIT_PREEMPTED)
             return EXIT_PREEMPTED if ok else 1
         maybe_evaluate(run)
+        maybe_monitor(run)
         every = cfg.checkpoint.every_steps
         if every and state.step % every == 0 and state.step < cfg.schedule.total_steps:
             save(run)
@@ -384,6 +407,7 @@ def _loop(run: Run) -> int:
         return 1
     if not cfg.eval.every_steps or state.step % cfg.eval.every_steps:
         maybe_evaluate(run, final=True)
+    maybe_monitor(run, final=True)
     held = optimizer_state_elements(run.engine)
     log.info("finished %d steps; rank 0 holds %d optimizer-state and %d fp32-master elements (ZeRO-%d)",
              state.step, held["optimizer_state"], held["fp32_master"], cfg.deepspeed.zero_stage)

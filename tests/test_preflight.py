@@ -66,7 +66,7 @@ def test_demo_recipe_passes_and_reads_both_manifests(demo_shards: Path) -> None:
     assert manifests.eval is not None and manifests.eval.num_samples == DEMO_VAL and manifests.eval.split == "val"
     assert [check.__name__ for check in CHECKS] == ["check_shards_exist", "check_train_fills_a_batch",
                                                     "check_num_classes", "check_cache_holds_working_set",
-                                                    "check_train_indexes"]
+                                                    "check_train_indexes", "check_monitor_datasets"]
 
 
 @pytest.mark.parametrize("batch, streams, ok", [
@@ -163,8 +163,12 @@ RANK_0_OF_2 = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.
     (["launch/finetune.sh", FINETUNE_CFG], dict(DRY_RUN="1", SLURM_NTASKS="2"),
      ["data.global_batch_size=2048", "data.micro_batch_size=16"],
      "data.global_batch_size=2048 is more than the 1497 samples"),
+    (["-m", "pretrain", "--config", PRETRAIN_CFG], RANK_0_OF_2,
+     ["eval.fewshot.datasets.digits={odd}/nameless", "eval.fewshot.shots=[1,200]"],
+     "eval.fewshot.datasets.digits: 200 shots need 200 train images a class, but class "),
 ], ids=["pretrain-train-split-too-small", "local-pretrain-no-eval-split", "dry-run-pretrain-no-info",
-        "finetune-num-classes", "local-finetune-empty-eval-split", "dry-run-finetune-train-split-too-small"])
+        "finetune-num-classes", "local-finetune-empty-eval-split", "dry-run-finetune-train-split-too-small",
+        "pretrain-fewshot-too-many-shots"])
 def test_commands_exit_2_with_one_line_before_any_process_group(
         demo_shards: Path, odd_shards: Path, tmp_path: Path, command: list, env: dict[str, str],
         overrides: list[str], line: str) -> None:

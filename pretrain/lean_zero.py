@@ -90,9 +90,9 @@ def _overflow_from_grad_norm(optimizer: Any) -> None:
 
     The step then computes the global gradient norm anyway (``compute_grad_norm``, on since
     clipping needs it): a sum over every gradient, all-reduced over the ranks, so any inf or
-    NaN anywhere makes it inf or NaN; DeepSpeed masks that to -1 and, for fp32/fp16 and for
-    bf16 with ``check_grad_overflow``, declares the step an overflow and skips it, exactly as
-    the per-tensor check would. So the per-tensor check is redundant wherever that norm is
+    NaN anywhere makes it inf or NaN, and the combined global norm inf; for fp32/fp16 and for
+    bf16 with ``check_grad_overflow`` DeepSpeed's step (or ``_skip_on_device``) then skips the
+    step, exactly as the per-tensor check would. So the per-tensor check is redundant wherever that norm is
     computed; it is kept with optimizer offload (whose norm is computed on the host) and at
     stage 3 (another optimizer class, not measured).
     """

@@ -101,7 +101,9 @@ def timed_steps(step: Callable[[], None], steps: int, warmup: int, device: torch
 
 
 def plain_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    """A plain loop with torch's fused AdamW: the engine's own optimizer kernel, so the two differ by the engine's
+    work alone (the default update, single-tensor on CPU, dispatches about 7 more ATen calls per tensor)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
 
     def step() -> None:

@@ -15,6 +15,16 @@ stream position, resolved config), committed with the shared complete-marker pro
 Why ``accumulate()`` and Accelerate's optimizer wrapper rather than a hand-rolled
 ``no_sync``: the same loop then runs under the DeepSpeed plugin, where the
 engine owns accumulation, clipping and the step.
+
+A step reads nothing back from the device, as in pretraining (``pretrain.step_window``):
+its loss, gradient norm and skip flag wait in a ``StepWindow`` until the next sync point
+(logging, checkpoint or evaluation step, the last step, the process' first), where one
+all-reduce gives the window's mean losses and whether any rank got a stop signal. A step
+whose gradient norm is not finite is skipped on the device: the fused optimizer gets
+``found_inf`` (``train_step``); under the DeepSpeed plugin the lean ZeRO step does the same
+at stages 1-2 (``pretrain.lean_zero``). The schedule steps on every optimizer step, skipped
+or not, since the host does not know; ``optim.max_nonfinite_steps`` is enforced at the
+sync point that ends the streak's window.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -44,16 +55,17 @@ from pretrain.data.eval_stream import build_eval_stream
 from pretrain.data.train_stream import StreamPosition, TrainStream, build_train_stream
 from pretrain.data.transforms import BatchPreprocessor
 from pretrain.distributed import DistEnv, join, log_nccl
-from pretrain.engine import grad_accum_steps
+from pretrain.engine import grad_accum_steps, step_skipped
 from pretrain.evaluate import EvalResult, evaluate_model
 from pretrain.flops import flops_per_image
 from pretrain.loss import LossFn, build_loss, target_kind
-from pretrain.metrics import (MetricsWriter, Stopwatch, Throughput, console_line, device_peak_tflops,
-                              finish_device_work, memory_gb)
-from pretrain.optim import build_optimizer, build_scheduler, check_training
+from pretrain.metrics import MetricsWriter, Throughput, console_line, device_peak_tflops, finish_device_work, memory_gb
+from pretrain.lean_zero import make_lean
+from pretrain.optim import build_optimizer, build_scheduler, check_training, zero_momentum
 from pretrain.preflight import preflight
 from pretrain.signals import EXIT_PREEMPTED, PreemptionFlag
-from pretrain.train import EXIT_NONFINITE, stop_requested, stopped_during_start_up
+from pretrain.step_window import StepRecord, StepWindow
+from pretrain.train import EXIT_NONFINITE, stopped_during_start_up
 
 from .attention import attention_panel, predict_with_rollout
 from .config import FinetuneConfig
@@ -159,6 +171,10 @@ def setup(cfg: FinetuneConfig, env: DistEnv, resume_from: Optional[Path]) -> Par
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        make_lean(model)
+    else:
+        zero_momentum(optimizer.optimizer)
     preprocess = BatchPreprocessor(cfg.data, cfg.model.num_classes, target=target_kind(cfg.optim))
     return Parts(accelerator, model, optimizer, scheduler, preprocess, build_loss(cfg.optim), accum,
                  cfg.optim.grad_clip or math.inf, input_dtype(accelerator, model))
@@ -214,30 +230,38 @@ def restore_rng(acc: Accelerator, checkpoint_path: Path) -> None:
 # -------------------------------------------------------------------- step
 
 
-def train_step(parts: Parts, stream: TrainStream, stopwatch: Stopwatch) -> tuple[torch.Tensor, Optional[float], float]:
-    """One optimizer step over ``accum`` micro-batches: (mean loss on this rank, grad norm, data wait s).
+def train_step(parts: Parts, stream: TrainStream) -> tuple[torch.Tensor, Any, Any, float]:
+    """One optimizer step over ``accum`` micro-batches: (this rank's mean loss, gradient norm, skip flag, data
+    wait s); the loss, norm and flag stay on the device.
 
-    A non-finite gradient norm skips the update and the schedule (as DeepSpeed's ZeRO does).
+    A non-finite gradient norm skips the update on the device: the fused optimizer (``pretrain.optim``) gets
+    it as ``found_inf`` and leaves weights and state untouched. Under the DeepSpeed plugin the engine has
+    stepped inside ``accelerator.backward`` and decides itself (``pretrain.engine.step_skipped``); its norm
+    is read from the engine, since Accelerate's ``clip_grad_norm_`` there reads it back with ``.item()``.
+    With fp16's ``GradScaler`` the scaler skips (and syncs) as Accelerate sets it up.
     """
     acc, model = parts.accelerator, parts.model
     losses, data_time = [], 0.0
     for _ in range(parts.accum):
-        stopwatch.lap()
+        tick = time.perf_counter()
         images, labels = next(stream)
-        data_time += stopwatch.lap()
+        data_time += time.perf_counter() - tick
         x, target = parts.preprocess(images, labels, acc.device, parts.dtype)
         with acc.accumulate(model):
             loss = parts.loss_fn(model(x), target)
             acc.backward(loss)
         losses.append(loss.detach())
-    grad_norm = acc.clip_grad_norm_(model.parameters(), parts.clip)
-    norm = None if grad_norm is None else float(grad_norm)
-    if norm is None or math.isfinite(norm):
-        parts.optimizer.step()
-        parts.scheduler.step()
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        grad_norm, skipped = model.get_global_grad_norm(), step_skipped(model)
+    else:
+        grad_norm = acc.clip_grad_norm_(model.parameters(), parts.clip)
+        skipped = torch.isfinite(grad_norm).logical_not_().float()
+        if acc.scaler is None:
+            parts.optimizer.optimizer.found_inf = skipped
+    parts.optimizer.step()
+    parts.scheduler.step()
     parts.optimizer.zero_grad(set_to_none=True)
-    finish_device_work(acc.device)
-    return torch.stack(losses).mean(), norm, data_time
+    return torch.stack(losses).mean(), grad_norm, skipped, data_time
 
 
 # -------------------------------------------------------------- bookkeeping
@@ -307,26 +331,56 @@ class Run:
     writer: MetricsWriter
     throughput: Throughput
     flag: PreemptionFlag
+    window: StepWindow
+    window_start: float = 0.0
+    """``perf_counter`` when the current window's first step began."""
+    window_data_time: float = 0.0
 
 
-def record(run: Run, loss: torch.Tensor, norm: Optional[float], data_time: float, step_time: float) -> None:
-    """Advance the counters and write the step's metrics every ``logging.every_steps``."""
-    cfg, state, acc = run.cfg, run.state, run.parts.accelerator
+def advance(run: Run, loss: torch.Tensor, norm: Any, skipped: Any, data_time: float) -> None:
+    """Host-side bookkeeping of a step: counters, stream position, and its device values into the window."""
+    cfg, state = run.cfg, run.state
     state.step += 1
     state.samples += cfg.data.global_batch_size
     state.position = run.stream.position().to_dict()
-    state.nonfinite_in_a_row = 0 if norm is None or math.isfinite(norm) else state.nonfinite_in_a_row + 1
-    run.throughput.add(cfg.data.global_batch_size, step_time, data_time)
-    if state.step % cfg.logging.every_steps and state.step != cfg.schedule.total_steps:
-        return
-    mean_loss = collective.sum_values([float(loss)])[0] / acc.num_processes
-    scalars = {"train/loss": mean_loss, "train/lr": run.parts.scheduler.get_last_lr()[0],
-               "perf/mem_gb": memory_gb(acc.device), **run.throughput.report()}
-    if norm is not None:
-        scalars["train/grad_norm"] = norm
-    run.writer.write(state.step, scalars)
-    if acc.is_main_process:
-        log.info(console_line(state.step, cfg.schedule.total_steps, scalars))
+    run.window_data_time += data_time
+    run.window.add(state.step, loss, norm, run.parts.scheduler.get_last_lr()[0], skipped)
+
+
+def sync_due(run: Run, first_step: int) -> bool:
+    """Whether this step ends a window: logging, checkpoint, evaluation, last step, or the process' first step."""
+    cfg, step = run.cfg, run.state.step
+    return (step in (first_step, cfg.schedule.total_steps) or step % cfg.logging.every_steps == 0
+            or any(every and step % every == 0 for every in (cfg.checkpoint.every_steps, cfg.eval.every_steps)))
+
+
+def settle(run: Run) -> tuple[int, bool]:
+    """At a sync point: read the window, write its metrics; (longest non-finite streak in it, stop requested)."""
+    finish_device_work(run.parts.accelerator.device)
+    elapsed = time.perf_counter() - run.window_start
+    steps = len(run.window)
+    records, stop = run.window.resolve(run.flag.requested)
+    run.throughput.add(steps * run.cfg.data.global_batch_size, elapsed, run.window_data_time)
+    run.window_data_time = 0.0
+    return write_records(run, records), stop
+
+
+def write_records(run: Run, records: list[StepRecord]) -> int:
+    """Metrics of the window's steps (console line and throughput at ``logging.every_steps``); the longest
+    non-finite streak, counted on from the previous window."""
+    cfg, state, acc = run.cfg, run.state, run.parts.accelerator
+    longest = 0
+    for record in records:
+        state.nonfinite_in_a_row = state.nonfinite_in_a_row + 1 if record.nonfinite else 0
+        longest = max(longest, state.nonfinite_in_a_row)
+        scalars = {"train/loss": record.loss, "train/lr": record.lr, "train/grad_norm": record.grad_norm}
+        if record.step % cfg.logging.every_steps and record.step != cfg.schedule.total_steps:
+            continue
+        scalars.update({"perf/mem_gb": memory_gb(acc.device), **run.throughput.report()})
+        run.writer.write(record.step, scalars)
+        if acc.is_main_process:
+            log.info(console_line(record.step, cfg.schedule.total_steps, scalars))
+    return longest
 
 
 def start(cfg: FinetuneConfig, flag: PreemptionFlag) -> Run:
@@ -350,37 +404,39 @@ def start(cfg: FinetuneConfig, flag: PreemptionFlag) -> Run:
     throughput = Throughput(flops_per_image(acc.unwrap_model(parts.model)), env.world_size,
                             device_peak_tflops(acc.device, cfg.logging.peak_tflops), cfg.model.grad_checkpointing)
     writer = MetricsWriter(cfg.run.path, enabled=acc.is_main_process, tensorboard=cfg.logging.tensorboard)
-    return Run(cfg, env, parts, state, stream, ckdir, writer, throughput, flag)
+    return Run(cfg, env, parts, state, stream, ckdir, writer, throughput, flag, StepWindow(acc.device, env.world_size))
 
 
 def loop(run: Run) -> int:
     cfg, state, acc = run.cfg, run.state, run.parts.accelerator
     if stopped_during_start_up(run.flag, state.step):
         return EXIT_PREEMPTED
-    stopwatch, step_clock = Stopwatch(), Stopwatch()
+    first_step = state.step + 1
+    run.window_start = time.perf_counter()
     while state.step < cfg.schedule.total_steps:
-        # --- one optimizer step, timed alone: evaluation and checkpoints stay out of the throughput
-        step_clock.restart()
-        loss, norm, data_time = train_step(run.parts, run.stream, stopwatch)
-        record(run, loss, norm, data_time, step_clock.lap())
-        if state.nonfinite_in_a_row >= cfg.optim.max_nonfinite_steps:
+        # --- one optimizer step; nothing read back until the window's sync point
+        advance(run, *train_step(run.parts, run.stream))
+        if not sync_due(run, first_step):
+            continue
+        longest_nonfinite, stop = settle(run)
+        if longest_nonfinite >= cfg.optim.max_nonfinite_steps:
             save(run.parts, cfg, state, run.ckdir)
-            log.error("stopping: %d optimizer steps in a row had a non-finite gradient norm (updates skipped); "
-                      "saved at step %d. Lower optim.lr, check the data, or raise optim.max_nonfinite_steps",
-                      state.nonfinite_in_a_row, state.step)
+            log.error("stopping: %d optimizer steps in a row had a non-finite loss or gradient norm (updates "
+                      "skipped), seen at step %d; saved at step %d. Lower optim.lr, check the data, or raise "
+                      "optim.max_nonfinite_steps", longest_nonfinite, state.step, state.step)
             return EXIT_NONFINITE
         # --- periodic evaluation
         every = cfg.eval.every_steps
         if cfg.data.eval_shards and every and state.step % every == 0 and state.step < cfg.schedule.total_steps:
             run_eval(run.parts, cfg, run.env, state.step, run.writer)
-        # --- checkpoint; preemption (all ranks agree on the flag, so all stop after the same step)
-        stop = stop_requested(run.flag)
+        # --- checkpoint; preemption (all ranks agree on the flag at the sync point, so all stop after one step)
         if stop or (cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0):
             saved = save(run.parts, cfg, state, run.ckdir)
             if stop:
                 log.warning("received %s: checkpoint at step %d %s", run.flag.describe(), state.step,
                             f"saved, exiting with {EXIT_PREEMPTED} for requeue" if saved else "could NOT be saved")
                 return EXIT_PREEMPTED if saved else 1
+        run.window_start = time.perf_counter()
     # --- final checkpoint, evaluation and export
     if not cfg.checkpoint.every_steps or state.step % cfg.checkpoint.every_steps:
         save(run.parts, cfg, state, run.ckdir)

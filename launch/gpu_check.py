@@ -14,8 +14,7 @@ status is 1 if any failed:
    bit-identical; the following steps run through non-deterministic GPU backward kernels
    (SDPA), so they must agree within 2e-3;
 3. ``step_sync_check`` (``launch/step_sync_check.py``): steps between sync points make no
-   synchronising CUDA call from ``pretrain`` (``torch.cuda.set_sync_debug_mode("warn")``);
-   DeepSpeed's own are counted;
+   synchronising CUDA call (``torch.cuda.set_sync_debug_mode("warn")``), ours or DeepSpeed's;
 4. ``decode_gpu`` (``launch/gpu_decode_check.py``): ``data.decode=gpu`` with nvJPEG against the
    CPU path (same samples, pixels within a few levels), exact resume, device decode img/s;
 5. ``train_step``: ``benchmarks/train_step.py`` for ViT-B/16 at 224 in bf16 with synthetic data,
@@ -292,7 +291,7 @@ def check(work: Path, sections: Sections) -> None:
 
     summary["resume"] = sections("pretrain_zero2_kill_resume", zero2_kill_resume)
     summary["step_syncs"] = sections("step_sync_check", lambda: last_json(run(
-        "no synchronisation of ours between sync points",
+        "no synchronisation between sync points, DeepSpeed's included",
         torchrun("launch/step_sync_check.py", str(shards), str(work / "sync_check")))))
     summary["decode_gpu"] = sections("decode_gpu", lambda: last_json(run(
         "data.decode=gpu against cpu_full, resume, device decode speed",

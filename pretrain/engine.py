@@ -13,12 +13,20 @@ Choices made here:
 * Stages 1-2 take a leaner step than DeepSpeed's default (``pretrain.lean_zero``): the same
   updates and skipped steps with a fraction of DeepSpeed's per-tensor host work.
 * Non-finite steps: DeepSpeed's ZeRO optimizers skip an update whose gradient norm
-  is inf/NaN (and then do not step the LR schedule). For fp32 that check is always
-  on at stages 1-3; for bf16 we switch it on (``check_grad_overflow``); fp16 has
-  it through loss scaling. Stage 0 (a plain torch optimizer) has no such check:
-  there the torch optimizer gets an ``overflow`` flag that the loop sets for a
-  non-finite step; its ``step()`` then does nothing and DeepSpeed's engine, which
-  reads the same attribute, counts the step as skipped, as with ZeRO.
+  is inf/NaN. For fp32 that check is always on at stages 1-3; for bf16 we switch it
+  on (``check_grad_overflow``); fp16 has it through loss scaling. At stages 1-2 in
+  fp32 and bf16 the lean step decides on the device (``pretrain.lean_zero._skip_on_device``):
+  the host never learns of the skip, so the LR schedule steps on every optimizer step,
+  skipped or not, and ``step_skipped`` gives the flag as a device tensor. At stage 3
+  and fp16 DeepSpeed decides on the host and does not step the schedule on a skipped
+  step. Stage 0 (a plain torch optimizer) has no such check: there the torch
+  optimizer gets an ``overflow`` flag that the loop sets for a non-finite step; its
+  ``step()`` then does nothing and DeepSpeed's engine, which reads the same attribute,
+  counts the step as skipped, as with ZeRO.
+
+DeepSpeed's throughput timer is off (``timers.throughput``): from the third step on it synchronised
+the device twice per micro-batch to time it, a wait for the GPU's queue in every step, for a
+figure nobody reads (``pretrain.metrics.Throughput`` times whole windows at the sync points).
 
 Communication (``_zero_section``), per ZeRO stage:
 
@@ -133,6 +141,7 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False,
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": STEPS_PER_PRINT_NEVER,
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False}},
         "dump_state": False,
         "checkpoint": {"load_universal": load_universal},
         **_gradient_dtypes(ds),
@@ -162,6 +171,14 @@ def global_grad_norm(engine: Any) -> Any:
     """Global gradient norm of the last optimizer step (before clipping) as DeepSpeed keeps it, not read back:
     a device tensor, a float, or None (``pretrain.step_window`` reads it at the next sync point)."""
     return engine.get_global_grad_norm()
+
+
+def step_skipped(engine: Any) -> Any:
+    """Whether the last optimizer step's update was skipped (non-finite gradients): the lean step's device
+    flag (1.0 / 0.0, not read back; ``pretrain.step_window`` reads it at the next sync point), else
+    DeepSpeed's host bool."""
+    flag = getattr(engine.optimizer, "step_skipped", None)
+    return flag if flag is not None else not engine.was_step_applied()
 
 
 class _SkipWhenOverflow:

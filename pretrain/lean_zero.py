@@ -14,7 +14,9 @@ attribute it touches (``LEAN_ATTRIBUTES``); otherwise DeepSpeed's own step runs,
 * ``_foreach_grad_norm``: that norm with multi-tensor kernels;
 * ``_keep_parameter_views``: no re-pointing of every parameter at its slot after each step;
 * ``_reuse_grad_partition_buffer``: one fp32 gradient partition per group, zeroed, not rebuilt;
-* ``_keep_bucket_buffers`` (CPU only): gradient buckets kept between backwards.
+* ``_keep_bucket_buffers`` (CPU only): gradient buckets kept between backwards;
+* ``_skip_on_device``: the step reads nothing back: clipping and the skip of a non-finite step on
+  the device (fp32 and bf16 with torch's fused optimizers).
 
 ``tests/test_pretrain_engine.py`` checks the result bit for bit against DeepSpeed's own step and
 a plain loop, and counts the calls that are gone.
@@ -37,6 +39,12 @@ LEAN_ATTRIBUTES = (
     "round_robin_bit16_meta", "round_robin_bit16_offsets", "round_robin_bit16_indices",
     "_build_compact_grad_partition_buffer", "ipg_buckets", "setup_buckets",
     "_release_ipg_buffers", "ready_for_gradients",
+    "scaled_global_norm", "single_partition_of_fp32_groups", "parallel_partitioned_bit16_groups",
+    "real_dp_process_group", "params_in_partition", "params_not_in_partition", "averaged_gradients",
+    "all_grad_tensors", "partition_size", "_get_preflattened_grad_partition", "_release_preflattened_grad_buffers",
+    "flatten_dense_tensors_aligned", "flatten", "free_grad_in_param_list", "_optimizer_step", "loss_scaler",
+    "custom_loss_scaler", "torch_autocast_gradscaler", "zenflow", "has_moe_layers", "clip_grad",
+    "update_lp_params",
 )
 """What the functions here read or replace on DeepSpeed's optimizer (checked before any is applied)."""
 
@@ -52,6 +60,8 @@ def make_lean(engine: Any) -> None:
     _reuse_grad_partition_buffer(optimizer)
     if torch.device(optimizer.device).type == "cpu":
         _keep_bucket_buffers(optimizer)
+    if _skips_on_device(optimizer):
+        _skip_on_device(optimizer)
 
 
 def lean_zero_optimizer(engine: Any) -> Optional[Any]:
@@ -82,9 +92,9 @@ def _overflow_from_grad_norm(optimizer: Any) -> None:
 
     The step then computes the global gradient norm anyway (``compute_grad_norm``, on since
     clipping needs it): a sum over every gradient, all-reduced over the ranks, so any inf or
-    NaN anywhere makes it inf or NaN; DeepSpeed masks that to -1 and, for fp32/fp16 and for
-    bf16 with ``check_grad_overflow``, declares the step an overflow and skips it, exactly as
-    the per-tensor check would. So the per-tensor check is redundant wherever that norm is
+    NaN anywhere makes it inf or NaN, and the combined global norm inf; for fp32/fp16 and for
+    bf16 with ``check_grad_overflow`` DeepSpeed's step (or ``_skip_on_device``) then skips the
+    step, exactly as the per-tensor check would. So the per-tensor check is redundant wherever that norm is
     computed; it is kept with optimizer offload (whose norm is computed on the host) and at
     stage 3 (another optimizer class, not measured).
     """
@@ -99,8 +109,12 @@ def _foreach_grad_norm(optimizer: Any) -> None:
     separately (ViT-B/16: 152 casts + 152 norms + a stack per step, host launch time). This is
     the same sum for the L2 norm with ``torch._foreach_norm``, then the all-reduce over DeepSpeed's
     data-parallel group (in fp32, as DeepSpeed's; through ``pretrain.collective`` like every
-    collective vitscale issues) and masking of a non-finite result, which ``_overflow_from_grad_norm``
-    relies on. Other norm types keep DeepSpeed's function.
+    collective vitscale issues). A non-finite result is returned as it is, not masked to -1 as
+    DeepSpeed's ``mask_nan_or_inf_with_val_inplace`` does: that builds its -1 with ``torch.tensor(-1.0,
+    device=...)``, a blocking host-to-device copy that waits for the GPU's queue every step, and
+    the mask changes nothing downstream: ``combine_grad_norm_groups`` (``scaled_global_norm``) turns
+    a -1, an inf and a NaN group norm alike into an inf global norm, which ``_overflow_from_grad_norm``
+    and ``_skip_on_device`` rely on. Other norm types keep DeepSpeed's function.
 
     The per-tensor norms accumulate in fp32, as ``torch.nn.utils.clip_grad_norm_`` does, not in
     fp64: torch sums fp32 pairwise (relative error about 1e-7 per tensor), far below what a clip
@@ -109,7 +123,6 @@ def _foreach_grad_norm(optimizer: Any) -> None:
     above fp32's range (a norm above about 1.8e19) reads as non-finite and the step is
     skipped, where fp64 would have clipped it; a gradient that large has diverged either way.
     """
-    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
 
     deepspeed_norm = optimizer.get_grad_norm_direct
 
@@ -123,7 +136,6 @@ def _foreach_grad_norm(optimizer: Any) -> None:
         else:
             total = torch.zeros((), dtype=torch.float32, device=optimizer.device)
         total = collective.sum_(total, group=optimizer.dp_process_group).pow(0.5)
-        mask_nan_or_inf_with_val_inplace(total, device=optimizer.device)
         return total
 
     optimizer.get_grad_norm_direct = grad_norm
@@ -221,3 +233,99 @@ def _keep_bucket_buffers(optimizer: Any) -> None:
 
     optimizer._release_ipg_buffers = release_keeping
     optimizer.setup_buckets = setup_reusing
+
+
+FUSED_FOUND_INF = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+"""torch optimizers whose fused kernels take ``found_inf`` (``torch.amp.GradScaler``'s protocol)."""
+
+
+def _skips_on_device(optimizer: Any) -> bool:
+    """Whether ``_skip_on_device`` gives this optimizer DeepSpeed's step: fp32, or bf16 with ``check_grad_overflow``
+    (no loss scaling; DeepSpeed skips a non-finite step there too), the norm computed, a fused torch
+    optimizer, none of DeepSpeed's other step variants in use."""
+    inner = optimizer.optimizer
+    checked = optimizer.dtype == torch.float32 or (optimizer.dtype == torch.bfloat16 and optimizer.check_grad_overflow)
+    return (optimizer.compute_grad_norm and checked
+            and not optimizer.loss_scaler.dynamic and not optimizer.custom_loss_scaler and optimizer.loss_scale == 1
+            and optimizer.torch_autocast_gradscaler is None and not optimizer.zenflow and not optimizer.has_moe_layers
+            and type(inner) in FUSED_FOUND_INF and all(group.get("fused") for group in inner.param_groups))
+
+
+def _skip_on_device(optimizer: Any) -> None:
+    """Stages 1-2, fp32 and bf16: DeepSpeed's step without its host reads; a non-finite step skipped on the device.
+
+    Why: ``DeepSpeedZeroOptimizer.step`` decides on the host whether a step overflowed
+    (``is_invalid_grad_norm`` reads the global norm back, and ``unscale_and_clip_grads`` reads it
+    again), so every step made the host wait for the device to finish the backward before it
+    could launch the update, the all-gather and the next forward: on one H200 (B/16, bf16, batch
+    128) DeepSpeed's reads were the only ones left between sync points. This step reads nothing:
+
+    * the global norm is DeepSpeed's (``scaled_global_norm``: the per-group norms combined,
+      inf when any is not finite), a device tensor;
+    * ``found_inf`` = the norm is not finite, a device tensor, given to the wrapped optimizer as
+      the attribute torch's fused Adam/AdamW/SGD read (``torch.amp.GradScaler``'s protocol): their
+      kernels leave the weights, the moments and the step count untouched where it is 1 (SGD's
+      momentum starts at zero, ``pretrain.optim.zero_momentum``, or a skipped first step would
+      leave it uninitialised);
+    * clipping multiplies by ``1 / max(1, (norm + 1e-6) / clip)`` computed on the device, the
+      same operations DeepSpeed's ``unscale_and_clip_grads`` runs with a loss scale of 1 (``x / 1``
+      and ``x * 1`` are exact), so a finite step's weights equal DeepSpeed's bit for bit;
+    * the rest is DeepSpeed's non-offload path unchanged (flatten the partition, step each group,
+      then ``update_lp_params``: copy to the bit16 partitions, all-gather). On a skipped step the
+      bit16 copy rewrites the unchanged fp32 master, the same values, so the weights stay those
+      of the previous step bit for bit (``tests/test_device_step.py``).
+
+    What the host no longer knows: whether a step was skipped. DeepSpeed's engine reads
+    ``optimizer.overflow`` (always False here), so it steps the learning-rate schedule on every
+    optimizer step, skipped or not, and ``engine.skipped_steps`` stays 0: the schedule follows the
+    step count, as in a plain torch loop with ``GradScaler``. The flag of the last step stays on
+    the device as ``optimizer.step_skipped`` (``pretrain.engine.step_skipped``); the train loop
+    reads the flags of a window of steps at its next sync point, where ``optim.max_nonfinite_steps``
+    is enforced.
+    """
+    from deepspeed import comm as dist
+    from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+    from pretrain.optim import zero_momentum
+
+    inner, groups = zero_momentum(optimizer.optimizer), range(len(optimizer.bit16_groups))
+    last_rank = [dist.get_rank(group=group) == dist.get_world_size(group=group) - 1
+                 for group in optimizer.real_dp_process_group]
+
+    def grad_partition(i: int) -> torch.Tensor:
+        """Group ``i``'s flat gradient partition in the fp32 master's dtype (DeepSpeed's ``step``)."""
+        flat = optimizer._get_preflattened_grad_partition(i)
+        if flat is None and last_rank[i]:
+            flat = optimizer.flatten_dense_tensors_aligned(optimizer.averaged_gradients[i],
+                                                           int(optimizer.partition_size[i]))
+        elif flat is None:
+            flat = optimizer.flatten(optimizer.averaged_gradients[i])
+        return flat.to(optimizer.single_partition_of_fp32_groups[i].dtype)
+
+    def step(closure: Any = None) -> None:
+        optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
+        optimizer.overflow = False
+        norm = optimizer.scaled_global_norm()
+        optimizer._global_grad_norm = norm
+        found_inf = torch.isfinite(norm).logical_not_().float()
+        inner.found_inf = optimizer.step_skipped = found_inf
+        clip = optimizer.clip_grad > 0
+        scale = torch.clamp((norm + 1e-6) / optimizer.clip_grad, min=1.0).reciprocal() if clip else None
+        for i in groups:
+            optimizer.free_grad_in_param_list(optimizer.params_not_in_partition[i])
+            partition = grad_partition(i)
+            fp32 = optimizer.single_partition_of_fp32_groups[i]
+            fp32.grad = partition
+            optimizer.free_grad_in_param_list(optimizer.params_in_partition[i])
+            optimizer._release_preflattened_grad_buffers(i)
+            optimizer.averaged_gradients[i] = None
+            optimizer.all_grad_tensors[i] = None
+            if scale is not None:
+                partition.mul_(scale)
+            optimizer._optimizer_step(i)
+            fp32.grad = None
+        optimizer.update_lp_params()  # DeepSpeed's copy into the bit16 partitions and all-gather
+        for i in groups:
+            optimizer._update_model_bit16_weights(i)
+
+    optimizer.step = step

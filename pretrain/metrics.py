@@ -28,7 +28,6 @@ import json
 import logging
 import resource
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -231,20 +230,4 @@ def quiet_library_warnings(rank: int) -> None:
     level = logging.WARNING if rank == 0 else logging.ERROR
     for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(name).setLevel(level)
-
-
-class Stopwatch:
-    """``time.perf_counter`` deltas."""
-
-    def __init__(self) -> None:
-        self.last = time.perf_counter()
-
-    def lap(self) -> float:
-        now = time.perf_counter()
-        elapsed, self.last = now - self.last, now
-        return elapsed
-
-    def restart(self) -> None:
-        """Start the next lap now: what ran since the last one is not counted."""
-        self.last = time.perf_counter()
 

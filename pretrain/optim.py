@@ -25,7 +25,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> Optimizer:
 
     No weight decay on norms, biases, the class token and the position embedding.
 
-    AdamW is torch's fused kernel (``fused=True``, CPU and CUDA): one pass over each tensor
+    Both are torch's fused kernels (``fused=True``, CPU and CUDA), which also take ``found_inf``:
+    a non-finite step is skipped on the device, with no host read (``pretrain.lean_zero._skip_on_device``,
+    ``finetune.train.train_step``). AdamW's fused kernel: one pass over each tensor
     where the default single-tensor (CPU) or foreach (CUDA) update makes about ten, each
     streaming the tensor through memory. ZeRO hands the optimizer one flat fp32 partition per
     group (Ti/16: 5.7 M elements, B/16: 86 M), so those passes are the whole update: a
@@ -40,8 +42,29 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> Optimizer:
     if cfg.name == "adamw":
         return AdamW(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, fused=True)
     if cfg.name == "sgd":
-        return SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=True)
     raise ValueError(f"optim.name={cfg.name!r} is not one of ['adamw', 'sgd']")
+
+
+def zero_momentum(optimizer: Optimizer) -> Optimizer:
+    """Give each SGD parameter with momentum (and no dampening) a zero momentum buffer before its first step.
+
+    Why: torch's fused SGD makes a missing buffer with ``torch.empty_like`` and lets its first step
+    write it; a first step skipped through ``found_inf`` writes nothing, and the next step starts
+    from uninitialised memory (seen on CPU: -6.2e6 in a fresh buffer). From zero the first step
+    computes ``momentum * 0 + grad``, which is ``grad`` exactly, the value torch's first step
+    stores, so the updates are unchanged. Call it on the optimizer that steps, once its
+    parameters are final: ZeRO gives it its own flat partitions (``pretrain.lean_zero`` calls it
+    there), and buffers made for the model's parameters before would be kept, unused, in its state.
+    """
+    for group in optimizer.param_groups:
+        if "dampening" not in group or not group["momentum"] or group["dampening"]:
+            continue
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return optimizer
 
 
 def place_step_counts(optimizer: Optimizer) -> None:

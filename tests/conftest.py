@@ -1,9 +1,10 @@
-"""Fixtures shared by the whole suite, and the session's own inductor cache."""
+"""Fixtures shared by the whole suite, the session's own inductor cache and the environment's extension folder."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,11 @@ def pytest_configure(config: pytest.Config) -> None:
     cache = tempfile.mkdtemp(prefix="vitscale-inductor-")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
     config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+    # DeepSpeed JIT-builds its CPU communication op (deepspeed_shm_comm) into torch's extension folder,
+    # one per user by default; two environments (a CI venv beside a developer's) each find the other's
+    # build stale and rebuild it, 1-3 minutes each time, which pushed a 240 s start-up test past its
+    # limit. A folder per environment keeps one build per DeepSpeed install, kept across sessions.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
 @pytest.fixture(scope="session")

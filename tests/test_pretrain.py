@@ -374,9 +374,9 @@ import pretrain.distributed
 
 real_init = pretrain.distributed.init_distributed
 
-def init_after_a_signal(env):
+def init_after_a_signal(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGUSR1)
-    return real_init(env)
+    return real_init(*args, **kwargs)
 
 pretrain.distributed.init_distributed = init_after_a_signal
 from pretrain.__main__ import main

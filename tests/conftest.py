@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -28,7 +29,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # one per user by default; two environments (a CI venv beside a developer's) each find the other's
     # build stale and rebuild it, 1-3 minutes each time, which pushed a 240 s start-up test past its
     # limit. A folder per environment keeps one build per DeepSpeed install, kept across sessions.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    environment = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / environment))
 
 
 @pytest.fixture(scope="session")

@@ -125,12 +125,35 @@ class CheckpointDir:
         return path
 
     def commit(self, step: int, meta: dict[str, Any]) -> Checkpoint:
-        """Mark ``step_N/`` complete, then point ``latest`` at it."""
+        """Mark ``step_N/`` complete with the size of every file in it, then point ``latest`` at it."""
         path = self.path(step)
-        meta = {"step": step, **meta}
+        meta = {"step": step, **meta, "files": {str(f.relative_to(path)): f.stat().st_size
+                                                for f in sorted(path.rglob("*")) if f.is_file()}}
         write_text_atomic(path / MARKER, json.dumps(meta, indent=1))
         write_text_atomic(self.root / LATEST, path.name)
         return Checkpoint(step, path, meta)
+
+    def check(self, checkpoint: Checkpoint) -> None:
+        """Raise naming the first file of ``checkpoint`` whose size differs from the size committed, and the way back.
+
+        Why before loading: a file damaged after its checkpoint completed (truncated by a
+        crashed copy or a full disk during a sync, deleted by a clean-up) otherwise fails
+        deep in ``torch.load`` with an unpickling error that names neither the file nor
+        what to do, on the ranks that read it only, while the others wait in a collective.
+        Every rank checks every file, so all ranks stop at once with the same message.
+        Checkpoints committed before sizes were recorded pass unchecked.
+        """
+        for name, size in checkpoint.meta.get("files", {}).items():
+            path = checkpoint.path / name
+            found = path.stat().st_size if path.is_file() else None
+            if found == size:
+                continue
+            earlier = [c for c in self.complete() if c.step < checkpoint.step]
+            back = (f"to resume from {earlier[-1].path} (step {earlier[-1].step}), move the damaged one aside: "
+                    f"mv {checkpoint.path} {checkpoint.path}.damaged" if earlier else
+                    "there is no earlier checkpoint: start over with a new run.dir or checkpoint.resume=false")
+            raise RuntimeError(f"checkpoint {checkpoint.path} is damaged: {name} has "
+                               f"{'no file' if found is None else f'{found} bytes'}, {size} bytes were written; {back}")
 
     def abort(self, step: int) -> None:
         """Remove the partial ``step_N/`` of a failed save (it was never marked complete)."""

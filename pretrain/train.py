@@ -124,7 +124,10 @@ def resume_point(cfg: Config, env: DistEnv) -> tuple[Optional[Checkpoint], bool]
     wait for it on the file system; no process group needed): ``python -m pretrain`` calls
     this before the group starts, ``setup`` again (then it finds the conversion done).
     """
-    latest = CheckpointDir(cfg.run.path / "checkpoints").find() if cfg.checkpoint.resume else None
+    ckdir = CheckpointDir(cfg.run.path / "checkpoints")
+    latest = ckdir.find() if cfg.checkpoint.resume else None
+    if latest is not None:
+        ckdir.check(latest)
     resized = latest is not None and latest.world_size not in (None, env.world_size)
     if resized:
         if not (universal_path(latest) / MARKER).is_file():

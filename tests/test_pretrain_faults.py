@@ -1,17 +1,21 @@
 """Faults during pretraining checkpoints (``python -m pretrain``, 1 process on gloo, a 1-block ViT).
 
-Against one uninterrupted run of 6 steps with checkpoints at steps 2, 4 and 6,
+Each case against one uninterrupted run of 6 steps with checkpoints at steps 2, 4 and 6,
 whose operations in its checkpoint folder (``fault_child.py``: file writes, flushes,
 renames, folder creations and removals) number the moments of a fault:
 
 * a file-size limit hit while writing a checkpoint (``--limit``: the kernel refuses the
   write with ``EFBIG``, as it refuses one on a full disk with ``ENOSPC``): the previous
   checkpoint stays the latest and the run exits 1 with one line naming the file and the
-  reason, not a traceback, and not training on past a step no checkpoint can keep.
+  reason, not a traceback, and not training on past a step no checkpoint can keep;
+* a file of the last checkpoint truncated after it completed: the next run stops before
+  loading anything with one line naming the file and how to resume from the one before,
+  and following it resumes there with the uninterrupted run's losses.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -58,3 +62,22 @@ def test_a_write_refused_mid_checkpoint_keeps_the_previous_one_and_exits_1_namin
     assert f"checkpoint {step_tag(4)} was NOT saved: [Errno 27] could not write {ckdir.path(4)}/" in errors[0]
     assert f"File too large; {ckdir.path(2)} is intact and stays latest" in errors[0]
     assert max(losses(run_dir)) == 4  # stopped at the failed save, no step trained past it
+
+
+def test_a_checkpoint_truncated_after_it_completed_is_named_with_the_way_back(reference, demo_shards: Path,
+                                                                              tmp_path: Path) -> None:
+    expected, _ = reference
+    run_dir = shutil.copytree(expected, tmp_path / "run")
+    ckdir = CheckpointDir(run_dir / "checkpoints")
+    damaged = ckdir.path(6) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    size = damaged.stat().st_size
+    damaged.write_bytes(damaged.read_bytes()[:size // 2])
+    done = pretrain(run_dir, demo_shards, 0, f"schedule.total_steps={STEPS + 2}")
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    move = f"mv {ckdir.path(6)} {ckdir.path(6)}.damaged"
+    assert (f"checkpoint {ckdir.path(6)} is damaged: {damaged.name} has {size // 2} bytes, {size} bytes were written; "
+            f"to resume from {ckdir.path(4)} (step 4), move the damaged one aside: {move}") in output, output[-3000:]
+    ckdir.path(6).rename(f"{ckdir.path(6)}.damaged")
+    finished(pretrain(run_dir, demo_shards))
+    assert losses(run_dir) == losses(expected)

@@ -10,17 +10,21 @@ renames, folder creations and removals) number the moments of a fault:
   reason, not a traceback, and not training on past a step no checkpoint can keep;
 * a file of the last checkpoint truncated after it completed: the next run stops before
   loading anything with one line naming the file and how to resume from the one before,
-  and following it resumes there with the uninterrupted run's losses.
+  and following it resumes there with the uninterrupted run's losses;
+* SIGKILL at ``KILLS`` seeded moments of the step-4 checkpoint's write: the next run
+  resumes from the last complete checkpoint, never a partial one, with the losses of the
+  uninterrupted run (DeepSpeed resumes fp32 bit-exactly).
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 
-from fault_child import finished, losses, of_step, operations, run_child
+from fault_child import finished, losses, moments, of_step, operations, run_child
 from pretrain.checkpoint import CheckpointDir, step_tag
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -81,3 +85,16 @@ def test_a_checkpoint_truncated_after_it_completed_is_named_with_the_way_back(re
     ckdir.path(6).rename(f"{ckdir.path(6)}.damaged")
     finished(pretrain(run_dir, demo_shards))
     assert losses(run_dir) == losses(expected)
+
+
+def test_sigkill_while_writing_a_checkpoint_then_the_next_run_resumes_from_the_last_complete_one(
+        reference, demo_shards: Path, tmp_path: Path) -> None:
+    expected, ops = reference
+    for moment_k in moments(of_step(ops, step_tag(4)), "pretrain checkpoint"):
+        run_dir = tmp_path / f"run-{moment_k}"
+        assert pretrain(run_dir, demo_shards, moment_k).returncode == -signal.SIGKILL
+        resumed_from = CheckpointDir(run_dir / "checkpoints").find().step
+        assert resumed_from in (2, 4)
+        output = finished(pretrain(run_dir, demo_shards))
+        assert f"resumed from {run_dir / 'checkpoints' / step_tag(resumed_from)}" in output
+        assert losses(run_dir) == losses(expected), ops[moment_k - 1]

@@ -388,6 +388,8 @@ def start(cfg: FinetuneConfig, flag: PreemptionFlag) -> Run:
     env = join_job()
     ckdir = CheckpointDir(cfg.run.path / "checkpoints")
     latest = ckdir.find() if cfg.checkpoint.resume else None
+    if latest is not None:
+        ckdir.check(latest)
     parts = setup(cfg, env, latest.path if latest else None)
     log_nccl(env)
     acc = parts.accelerator

@@ -2,8 +2,10 @@
 
 Exit statuses (launchers rely on them): 0 finished, 75 preempted after a clean
 save (requeue), or stopped by a signal during start-up before the first step
-(requeue; nothing new to save), 2 config/usage error (raised before any process
-group starts), 3 too many non-finite losses, anything else a real error.
+(requeue; nothing new to save), 1 a checkpoint could not be written (one line names
+the file and why; the previous checkpoint stays the latest), 2 config/usage error
+(raised before any process group starts), 3 too many non-finite losses, anything
+else a real error.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ Layout and protocol (engine-agnostic; ``finetune`` uses it with Accelerate):
   is never resumed from a half-written checkpoint.
 * The last ``keep_last`` complete checkpoints are kept; older ones are purged.
 
-A failed save (``OSError``: full disk, quota) removes its own partial directory,
-leaves ``latest`` and the previous checkpoint untouched, and says so.
+A failed save (``OSError``: full disk, quota, file-size limit) removes its own partial
+directory, leaves ``latest`` and the previous checkpoint untouched, and says in one line
+which file failed and why; the train loops then stop with exit status 1.
 
 DeepSpeed part: ``save_checkpoint(..., save_latest=False)`` under the tag, per-rank
 RNG state next to it (DeepSpeed keeps ``client_state`` of rank 0 only), loading
@@ -124,12 +125,35 @@ class CheckpointDir:
         return path
 
     def commit(self, step: int, meta: dict[str, Any]) -> Checkpoint:
-        """Mark ``step_N/`` complete, then point ``latest`` at it."""
+        """Mark ``step_N/`` complete with the size of every file in it, then point ``latest`` at it."""
         path = self.path(step)
-        meta = {"step": step, **meta}
+        meta = {"step": step, **meta, "files": {str(f.relative_to(path)): f.stat().st_size
+                                                for f in sorted(path.rglob("*")) if f.is_file()}}
         write_text_atomic(path / MARKER, json.dumps(meta, indent=1))
         write_text_atomic(self.root / LATEST, path.name)
         return Checkpoint(step, path, meta)
+
+    def check(self, checkpoint: Checkpoint) -> None:
+        """Raise naming the first file of ``checkpoint`` whose size differs from the size committed, and the way back.
+
+        Why before loading: a file damaged after its checkpoint completed (truncated by a
+        crashed copy or a full disk during a sync, deleted by a clean-up) otherwise fails
+        deep in ``torch.load`` with an unpickling error that names neither the file nor
+        what to do, on the ranks that read it only, while the others wait in a collective.
+        Every rank checks every file, so all ranks stop at once with the same message.
+        Checkpoints committed before sizes were recorded pass unchecked.
+        """
+        for name, size in checkpoint.meta.get("files", {}).items():
+            path = checkpoint.path / name
+            found = path.stat().st_size if path.is_file() else None
+            if found == size:
+                continue
+            earlier = [c for c in self.complete() if c.step < checkpoint.step]
+            back = (f"to resume from {earlier[-1].path} (step {earlier[-1].step}), move the damaged one aside: "
+                    f"mv {checkpoint.path} {checkpoint.path}.damaged" if earlier else
+                    "there is no earlier checkpoint: start over with a new run.dir or checkpoint.resume=false")
+            raise RuntimeError(f"checkpoint {checkpoint.path} is damaged: {name} has "
+                               f"{'no file' if found is None else f'{found} bytes'}, {size} bytes were written; {back}")
 
     def abort(self, step: int) -> None:
         """Remove the partial ``step_N/`` of a failed save (it was never marked complete)."""
@@ -253,7 +277,8 @@ def save_collective(ckdir: CheckpointDir, step: int, write: Callable[[Path], Non
     """Run ``write(step_dir)`` on every rank and commit only if every rank succeeded.
 
     Returns the new checkpoint, or None if some rank hit an ``OSError`` (the partial
-    directory is removed; the previous checkpoint and ``latest`` stay as they were).
+    directory is removed; the previous checkpoint and ``latest`` stay as they were). The
+    rank that failed logs one line with the file and the reason, rank 0 one line if it was another rank.
     """
     rank = _rank()
     if rank == 0:
@@ -265,15 +290,15 @@ def save_collective(ckdir: CheckpointDir, step: int, write: Callable[[Path], Non
     except OSError as exn:
         error = exn
     if not collective.all_true(error is None):
-        if error is not None:
-            log.error("rank %d: saving checkpoint %s failed: %s", rank, ckdir.path(step), error)
         if rank == 0:
             ckdir.abort(step)
-            previous = ckdir.find()
-            log.error("checkpoint %s was NOT saved (a rank failed to write it, e.g. a full disk); %s",
-                      step_tag(step), f"the previous checkpoint {previous.path} is intact and stays latest"
-                      if previous else "there is no earlier checkpoint")
         collective.barrier()
+        if error is not None or rank == 0:
+            previous = ckdir.find()
+            kept = (f"{previous.path} is intact and stays latest: fix the cause and rerun, it resumes from there"
+                    if previous else "there is no earlier checkpoint: fix the cause and rerun")
+            log.error("rank %d: checkpoint %s was NOT saved: %s; %s", rank, step_tag(step),
+                      error if error is not None else "another rank failed to write it (see its error)", kept)
         return None
     checkpoint = None
     if rank == 0:
@@ -284,12 +309,36 @@ def save_collective(ckdir: CheckpointDir, step: int, write: Callable[[Path], Non
     return checkpoint or ckdir.read(ckdir.path(step))
 
 
+def save_file(state: Any, path: str, zipfile: bool = True) -> None:
+    """``torch.save`` to ``path`` and sync it to disk; a failed write raises ``OSError`` naming ``path`` and why.
+
+    Why: torch's own writer reports a full disk or a file-size limit as a ``RuntimeError``
+    that names neither (``unexpected pos 576 vs 534``, ``write(): fd 3 failed with File too
+    large``); ``save_collective`` did not catch it, and the run died with a traceback. Synced
+    because ``complete.json`` must not reach the disk before the files it vouches for.
+    """
+    try:
+        with open(path, "wb") as handle:
+            torch.save(state, handle, _use_new_zipfile_serialization=zipfile)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except (OSError, RuntimeError) as exn:
+        cause = exn if isinstance(exn, OSError) else exn.__context__
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, f"could not write {path}: {cause.strerror}") from exn
+        raise OSError(f"could not write {path}: {exn}") from exn
+
+
 # ----------------------------------------------------------------- DeepSpeed
 
 
 def save_deepspeed(engine: Any, ckdir: CheckpointDir, step: int, client_state: dict[str, Any],
                    meta: dict[str, Any], keep_last: int) -> Optional[Checkpoint]:
     """DeepSpeed checkpoint under ``step_N`` plus this rank's RNG state; see ``save_collective``."""
+    writer = engine.checkpoint_engine
+    if type(writer).__name__ == "TorchCheckpointEngine":  # DeepSpeed's default writer; others are left as they are
+        writer.save = lambda state_dict, path: save_file(state_dict, path, writer.zipfile_serialization)
+
     def write(path: Path) -> None:
         engine.save_checkpoint(str(ckdir.root), tag=path.name, client_state=client_state, save_latest=False)
         save_rng(path)

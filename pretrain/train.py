@@ -124,7 +124,10 @@ def resume_point(cfg: Config, env: DistEnv) -> tuple[Optional[Checkpoint], bool]
     wait for it on the file system; no process group needed): ``python -m pretrain`` calls
     this before the group starts, ``setup`` again (then it finds the conversion done).
     """
-    latest = CheckpointDir(cfg.run.path / "checkpoints").find() if cfg.checkpoint.resume else None
+    ckdir = CheckpointDir(cfg.run.path / "checkpoints")
+    latest = ckdir.find() if cfg.checkpoint.resume else None
+    if latest is not None:
+        ckdir.check(latest)
     resized = latest is not None and latest.world_size not in (None, env.world_size)
     if resized:
         if not (universal_path(latest) / MARKER).is_file():
@@ -400,11 +403,10 @@ def _loop(run: Run) -> int:
         maybe_evaluate(run)
         maybe_monitor(run)
         every = cfg.checkpoint.every_steps
-        if every and state.step % every == 0 and state.step < cfg.schedule.total_steps:
-            save(run)
+        if every and state.step % every == 0 and state.step < cfg.schedule.total_steps and not save(run):
+            return 1  # training on would only add steps that no checkpoint can keep (the error line says why)
         run.window_start = time.perf_counter()
     if run.last_saved != state.step and not save(run):
-        log.error("finished %d steps but the final checkpoint could not be saved", state.step)
         return 1
     if not cfg.eval.every_steps or state.step % cfg.eval.every_steps:
         maybe_evaluate(run, final=True)

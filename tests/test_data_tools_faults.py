@@ -1,6 +1,6 @@
 """SIGKILL the converter at seeded random moments of planning, of a part and of the merge; the next run recovers.
 
-A moment is the K-th file-system operation of the phase (``converter_faults.py``: every
+A moment is the K-th file-system operation of the phase (``fault_child.py``: every
 flush, rename, link, removal, folder creation, and each sample added to a shard), K drawn
 by a seeded generator from a dry run's count, ``KILLS`` distinct moments a phase. After
 each kill the next run (what SLURM's requeue or a rerun of the array task does) must
@@ -13,11 +13,8 @@ its lock is stale; the test ages the folder by ``STALE_S`` instead of waiting tw
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,32 +26,19 @@ from data_tools.plan import Part
 from data_tools.lockfile import STALE_S
 from data_tools.planfile import HEADER
 from data_tools.verify import verify, verify_merge
+from fault_child import moments, operations, run_child
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 COUNTS = {"ant": 5, "bee": 4, "cow": 3}
 PER_SHARD = 2
-KILLS = 5
-SEED = 20
-CHILD = Path(__file__).with_name("converter_faults.py")
 
 
 def run_killed(source: Path, out: Path, kill_at: int, log: Path, *extra: str) -> int:
     """``convert`` in a subprocess killed before operation ``kill_at`` (0: not killed); its exit status."""
-    args = ["convert", str(source), str(out), "--samples-per-shard", str(PER_SHARD), "--workers", "1",
-            "--no-progress", *extra]
-    done = subprocess.run([sys.executable, str(CHILD), str(kill_at), str(log), "--", *args],
-                          capture_output=True, text=True, timeout=120)
+    done = run_child(kill_at, log, "data_tools", "convert", str(source), str(out), "--samples-per-shard",
+                     str(PER_SHARD), "--workers", "1", "--no-progress", *extra)
     assert done.returncode in (0, -signal.SIGKILL), done.stderr
     return done.returncode
-
-
-def operations(log: Path) -> list[str]:
-    return log.read_text().splitlines()
-
-
-def moments(count: int, phase: str) -> list[int]:
-    """``KILLS`` distinct operation numbers in ``1..count``, the same on every run (seeded by the phase)."""
-    return sorted(random.Random(f"{SEED}-{phase}").sample(range(1, count + 1), min(KILLS, count)))
 
 
 def age(folder: Path) -> None:
@@ -95,7 +79,7 @@ def test_sigkill_while_planning_then_the_parts_and_merge_finish(tmp_path, refere
     dry = tmp_path / "dry.log"
     run_killed(source, tmp_path / "dry", 0, dry, "--part", "0/2")
     planned = next(n for n, op in enumerate(operations(dry), 1) if op.startswith("replace") and op.endswith(HEADER))
-    for kill_at in moments(planned, "planning"):
+    for kill_at in moments(range(1, planned + 1), "planning"):
         out = tmp_path / f"planning-{kill_at}"
         assert run_killed(source, out, kill_at, tmp_path / f"planning-{kill_at}.log", "--part", "0/2") == -9
         assert not (out / "_work" / "train" / HEADER).exists()
@@ -111,7 +95,7 @@ def test_sigkill_in_a_part_then_its_rerun_and_the_merge_finish(tmp_path, referen
     convert(source, planned, samples_per_shard=PER_SHARD, part=Part(0, 2), progress=False)
     dry = tmp_path / "dry.log"
     run_killed(source, shutil.copytree(planned, tmp_path / "dry"), 0, dry, "--part", "1/2")
-    for kill_at in moments(len(operations(dry)), "part"):
+    for kill_at in moments(range(1, len(operations(dry)) + 1), "part"):
         out = shutil.copytree(planned, tmp_path / f"part-{kill_at}")
         assert run_killed(source, out, kill_at, tmp_path / f"part-{kill_at}.log", "--part", "1/2") == -9
         convert(source, out, samples_per_shard=PER_SHARD, part=Part(1, 2), progress=False)
@@ -127,7 +111,7 @@ def test_sigkill_in_the_merge_then_the_next_merge_finishes(tmp_path, reference):
         convert(source, parted, samples_per_shard=PER_SHARD, part=Part(index, 2), progress=False)
     dry = tmp_path / "dry.log"
     run_killed(source, shutil.copytree(parted, tmp_path / "dry"), 0, dry, "--merge")
-    for kill_at in moments(len(operations(dry)), "merge"):
+    for kill_at in moments(range(1, len(operations(dry)) + 1), "merge"):
         out = shutil.copytree(parted, tmp_path / f"merge-{kill_at}")
         assert run_killed(source, out, kill_at, tmp_path / f"merge-{kill_at}.log", "--merge") == -9
         age(out)

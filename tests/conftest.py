@@ -29,6 +29,12 @@ def pytest_configure(config: pytest.Config) -> None:
     # one per user by default; two environments (a CI venv beside a developer's) each find the other's
     # build stale and rebuild it, 1-3 minutes each time, which pushed a 240 s start-up test past its
     # limit. A folder per environment keeps one build per DeepSpeed install, kept across sessions.
+    # DeepSpeed picks its accelerator once per process and keeps it: picked while a test fakes a GPU
+    # (torch.cuda.is_available patched, tests/fake_devices.py, test_distributed.py), every later engine
+    # of the session tried CUDA ("Found no NVIDIA driver"). Picked here, on the real devices, first.
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator()
     environment = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / environment))
 

@@ -240,11 +240,18 @@ def shutdown_distributed() -> None:
     ``deepspeed.utils.groups``, which ``deepspeed.comm.destroy_process_group`` releases. Groups
     can still outlive this (importing DeepSpeed adds references from C++), which is why the
     command-line entry points leave through ``pretrain.cli.exit_process``.
+
+    When torch's group is already gone (Accelerate's state reset destroys it through torch),
+    DeepSpeed's cached groups are released all the same: left in place, the next process
+    group's engine asked DeepSpeed for its world group and got the dead one ("Group ... is not
+    registered"), which failed every later engine of a test session.
     """
-    if not dist.is_initialized():
-        return
     deepspeed_comm = sys.modules.get("deepspeed.comm")
-    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
-        deepspeed_comm.destroy_process_group()
-    else:
+    if dist.is_initialized():
+        if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+            deepspeed_comm.destroy_process_group()  # releases DeepSpeed's references too
+            return
         dist.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None and hasattr(groups, "_release_process_group_references"):
+        groups._release_process_group_references(group=None)

@@ -56,9 +56,6 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch, count: int, current: int, seed: i
     Calling it again switches to another layout with fresh device states, as a job
     restarted with other ``srun`` GPU options would.
     """
-    from deepspeed.accelerator import get_accelerator
-
-    get_accelerator()  # DeepSpeed picks its accelerator once per process: on the real devices, not on the fake
     fake = FakeCuda(count, current, seed)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: fake.count)

@@ -134,6 +134,8 @@ import deepspeed
 from deepspeed.utils import groups
 deepspeed.init_distributed("gloo")
 groups._get_data_parallel_group()
+if sys.argv[1] == "destroyed":
+    dist.destroy_process_group()  # by another owner first, as Accelerate's state reset does
 shutdown_distributed()
 print("deepspeed world group released:", groups._WORLD_GROUP is None, end="")
 logging.basicConfig()
@@ -143,17 +145,18 @@ exit_process(75)
 """
 
 
-def test_exit_process_releases_groups_flushes_and_skips_the_interpreter_teardown() -> None:
+@pytest.mark.parametrize("torch_group", ["alive", "destroyed"])
+def test_exit_process_releases_groups_flushes_and_skips_the_interpreter_teardown(torch_group: str) -> None:
     """Why ``exit_process`` exists: see its docstring (SIGABRT at exit from process groups alive in C++).
 
     The status comes through, block-buffered stdout and logging are flushed, DeepSpeed's cached
-    group is released by ``shutdown_distributed``, and no atexit handler (nor C++ static
-    destructor) runs.
+    group is released by ``shutdown_distributed`` (also when torch's group was destroyed by another
+    owner first), and no atexit handler (nor C++ static destructor) runs.
     """
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], capture_output=True, text=True, timeout=180,
+    result = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, torch_group], capture_output=True, text=True, timeout=180,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 75, result.stderr[-3000:]
     assert result.stdout.endswith("deepspeed world group released: True"), result.stdout

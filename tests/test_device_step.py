@@ -16,6 +16,7 @@ import torch
 
 import pretrain.train as train_module
 from pretrain.train import train
+from test_finetune_preempt import fresh_accelerate, tiny_overrides  # noqa: F401  (fresh_accelerate is a fixture)
 from test_pretrain_engine import process_group, tiny_config  # noqa: F401  (process_group is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,18 +76,20 @@ def host_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return reads
 
 
-def reads_per_step(monkeypatch: pytest.MonkeyPatch, reads: list[str]) -> tuple[dict[int, list[str]], list[int]]:
-    """Wrap the loop: the reads of each step (``train_step`` and ``advance``) by step, and each sync point's."""
+def reads_per_step(monkeypatch: pytest.MonkeyPatch, reads: list[str],
+                   loop: Any = train_module) -> tuple[dict[int, list[str]], list[int]]:
+    """Wrap ``loop``'s (``pretrain.train`` or ``finetune.train``) steps: the reads of each step (``train_step``
+    and ``advance``) by step, and each sync point's (``settle``)."""
     per_step: dict[int, list[str]] = {}
     settled: list[int] = []
-    real_step, real_advance, real_settle = train_module.train_step, train_module.advance, train_module.settle
+    real_step, real_advance, real_settle = loop.train_step, loop.advance, loop.settle
 
-    def counted_step(run):
+    def counted_step(*args):
         reads.clear()
-        return real_step(run)
+        return real_step(*args)
 
-    def step_then_advance(run, result):
-        real_advance(run, result)
+    def step_then_advance(run, *values):
+        real_advance(run, *values)
         per_step[run.state.step] = list(reads)
         reads.clear()
 
@@ -96,9 +99,9 @@ def reads_per_step(monkeypatch: pytest.MonkeyPatch, reads: list[str]) -> tuple[d
         reads.clear()
         return out
 
-    monkeypatch.setattr(train_module, "train_step", counted_step)
-    monkeypatch.setattr(train_module, "advance", step_then_advance)
-    monkeypatch.setattr(train_module, "settle", counted_settle)
+    monkeypatch.setattr(loop, "train_step", counted_step)
+    monkeypatch.setattr(loop, "advance", step_then_advance)
+    monkeypatch.setattr(loop, "settle", counted_settle)
     return per_step, settled
 
 
@@ -232,17 +235,8 @@ def test_clipped_finite_steps_equal_deepspeeds_own_bit_for_bit(stage: int, preci
 def finetune_config(tmp_path: Path, shards: Path, *overrides: str):
     from finetune.config import FinetuneConfig
     from pretrain.config import apply_overrides
-    from test_finetune_preempt import tiny_overrides
 
     return apply_overrides(FinetuneConfig(), [*tiny_overrides(tmp_path, shards), *overrides])
-
-
-@pytest.fixture
-def fresh_accelerate():
-    from accelerate.state import AcceleratorState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_finetune_steps_between_sync_points_read_nothing_back(host_reads: list[str], demo_shards: Path,
@@ -252,29 +246,7 @@ def test_finetune_steps_between_sync_points_read_nothing_back(host_reads: list[s
     any module; the sync points (steps 1 and 5) read the window."""
     import finetune.train as finetune_module
 
-    per_step: dict[int, list[str]] = {}
-    settled: list[int] = []
-    real_step, real_advance, real_settle = (finetune_module.train_step, finetune_module.advance,
-                                            finetune_module.settle)
-
-    def counted_step(parts, stream):
-        host_reads.clear()
-        return real_step(parts, stream)
-
-    def step_then_advance(run, *values):
-        real_advance(run, *values)
-        per_step[run.state.step] = list(host_reads)
-        host_reads.clear()
-
-    def counted_settle(run):
-        out = real_settle(run)
-        settled.append(len(host_reads))
-        host_reads.clear()
-        return out
-
-    monkeypatch.setattr(finetune_module, "train_step", counted_step)
-    monkeypatch.setattr(finetune_module, "advance", step_then_advance)
-    monkeypatch.setattr(finetune_module, "settle", counted_settle)
+    per_step, settled = reads_per_step(monkeypatch, host_reads, finetune_module)
     cfg = finetune_config(tmp_path, demo_shards, "schedule.total_steps=5", "logging.every_steps=5",
                           "checkpoint.every_steps=0")
     assert finetune_module.train(cfg) == 0

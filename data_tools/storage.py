@@ -49,6 +49,17 @@ class UnsupportedSchemeError(ValueError):
     """A URL scheme the train reader cannot read (``pipe:``, an unknown protocol)."""
 
 
+class RemoteAccessError(OSError):
+    """Object storage refused or could not serve a read (credentials, permissions, network)."""
+
+
+ACCESS_HINTS = {
+    "s3": "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, and AWS_ENDPOINT_URL for an S3-compatible store",
+    "gs": "GOOGLE_APPLICATION_CREDENTIALS or `gcloud auth application-default login`",
+}
+"""What to check per scheme when a read is refused (https:// has no credentials of ours)."""
+
+
 def is_remote(url: Any) -> bool:
     """True for ``scheme://`` URLs (``file://`` included) and ``pipe:`` commands."""
     return isinstance(url, str) and ("://" in url or url.startswith("pipe:"))
@@ -118,10 +129,17 @@ def read_info(prefix: str) -> dict:
     """The parsed ``_info.json`` of a remote shard directory; FileNotFoundError naming it when absent."""
     url = join(prefix, INFO_FILE)
     try:
-        info = json.loads(read_bytes(url))
+        data = read_bytes(url)
     except FileNotFoundError:
         raise FileNotFoundError(f"{url} does not exist: the train order needs every shard's length; write it "
                                 f"with `python -m data_tools convert SOURCE DIR` and upload DIR to {prefix}")
+    except (MissingBackendError, UnsupportedSchemeError):
+        raise
+    except Exception as exn:  # the back end's own errors (botocore's are no OSError): one line, what to check
+        hint = ACCESS_HINTS.get(scheme(url), "the URL")
+        raise RemoteAccessError(f"could not read {url}: {type(exn).__name__}: {exn}; check {hint}, and the "
+                                "network") from None
+    info = json.loads(data)
     if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
         raise ValueError(f"{url} is not in timm's layout: expected {{'name', 'splits': {{split: ...}}}}")
     return info

@@ -108,7 +108,7 @@ def read_manifest(directory: Union[Path, str], split: str, which: str) -> Manife
     key, split_key = f"data.{which}_shards", f"data.{which}_split"
     try:
         files = storage.read_split(directory, split) if isinstance(directory, str) else read_split(directory, split)
-    except FileNotFoundError as exn:
+    except OSError as exn:  # missing, or object storage refusing the read (storage.RemoteAccessError)
         raise ConfigError(f"{key}={directory}: {exn}") from None
     except KeyError as exn:
         raise ConfigError(f"{split_key}={split!r}: {exn.args[0]}: set {split_key} to one of them"

@@ -336,3 +336,21 @@ def test_a_scheme_without_its_extra_exits_2_from_the_command(tmp_path: Path) -> 
         "config error: data.train_shards='gs://bucket/shards' needs gcsfs for gs:// (not installed): "
         "pip install 'vitscale[gcs]'"], result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_object_storage_refusing_the_manifest_read_is_one_line_naming_what_to_check(monkeypatch) -> None:
+    """No credentials (botocore's NoCredentialsError is no OSError) or a refused read: exit 2 before launch with
+    the URL and what to set, not a traceback from the back end."""
+    from botocore.exceptions import NoCredentialsError
+
+    from data_tools import storage
+
+    class Refusing:
+        def cat_file(self, url, *args, **kwargs):
+            raise NoCredentialsError()
+
+    monkeypatch.setattr(storage, "filesystem", lambda url: Refusing())
+    assert _error(_cfg("s3://bucket/prefix")) == (
+        "data.train_shards=s3://bucket/prefix: could not read s3://bucket/prefix/_info.json: NoCredentialsError: "
+        "Unable to locate credentials; check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, and "
+        "AWS_ENDPOINT_URL for an S3-compatible store, and the network")

@@ -61,8 +61,8 @@ from typing import Optional, Union
 import numpy as np
 from tqdm import tqdm
 
-from .manifest import (CLASSES_FILE, ERRORS_FILE, INFO_FILE, read_classes, read_info, shard_name, write_classes,
-                       write_errors, write_split)
+from .manifest import (CLASSES_FILE, ERRORS_FILE, INFO_FILE, read_classes, read_info, shard_glob, shard_name,
+                       write_classes, write_errors, write_split)
 from .pipeline import run_tasks
 from .plan import Part, make_plan, parse_size
 from .planfile import HEADER, PlanFile, load_or_build, write_plan
@@ -187,7 +187,7 @@ def _build_plan(source: Path, out: Path, work: Path, settings: dict, class_map: 
     and shards of a concurrent planner (a lock taken over) come with its header.
     """
     split = settings["split"]
-    foreign = sorted(p.name for p in out.glob(f"{split}-*.tar"))
+    foreign = sorted(p.name for p in out.glob(shard_glob(split)))
     if (work / HEADER).is_file():
         return
     if foreign:
@@ -356,7 +356,7 @@ def _drop_work(out: Path, work: Path) -> None:
     partial files left are those of killed writers (on any host), never a live one's.
     """
     split = work.name
-    for leftover in [*out.glob(f"{split}-*{PARTIAL_SUFFIX}"), *out.glob(f".{split}-*.tmp"),
+    for leftover in [*out.glob(shard_glob(split, f"*{PARTIAL_SUFFIX}")), *out.glob("." + shard_glob(split, "*.tmp")),
                      *out.glob(f"{PROBE_PREFIX}*")]:
         leftover.unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)

@@ -51,6 +51,12 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
+def shard_glob(split: str, suffix: str = "") -> str:
+    """Glob of ``split``'s shard names (``shard_name``) plus ``suffix``: exactly six digits, so split ``val``'s
+    pattern never matches split ``val-hard``'s files (a cleanup of one split must not touch another's)."""
+    return f"{split}-{'[0-9]' * 6}.tar{suffix}"
+
+
 @contextlib.contextmanager
 def atomic_writer(path: Path, binary: bool = False) -> Iterator[IO]:
     """A file handle whose content appears at ``path`` only once complete, durably.

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from .images import Prepared
 from .index import ShardIndex, index_path
-from .manifest import write_json_atomic, write_text_atomic
+from .manifest import shard_glob, write_json_atomic, write_text_atomic
 from .stats import SplitStats
 
 TAR_MTIME = 0
@@ -69,7 +69,7 @@ def stale_partials(out: Path, split: str) -> list[Path]:
     """
     host = socket.gethostname()
     stale = []
-    for path in out.glob(f"{split}-*.tar.*{PARTIAL_SUFFIX}"):
+    for path in out.glob(shard_glob(split, f".*{PARTIAL_SUFFIX}")):
         writer = path.name[path.name.index(".tar.") + 5:-len(PARTIAL_SUFFIX)].split("~")
         if len(writer) == 3 and writer[0] == host and writer[1].isdigit() and not _running(int(writer[1])):
             stale.append(path)

@@ -242,15 +242,16 @@ def test_partial_shards_of_dead_writers_go_at_part_start_and_all_at_the_merge(tm
     alive = out / f"train-000003.tar.{host}~{os.getpid()}~bb.partial"
     elsewhere = out / f"train-000005.tar.node-elsewhere~{gone}~cc.partial"
     other_split = out / f"val-000001.tar.{host}~{gone}~dd.partial"
-    for path in (dead, alive, elsewhere, other_split):
+    same_prefix = out / f"train-hard-000001.tar.{host}~{gone}~ee.partial"  # split "train-hard": not train's
+    for path in (dead, alive, elsewhere, other_split, same_prefix):
         path.write_bytes(b"half a shard")
     assert writer_id().startswith(f"{host}~{os.getpid()}~")
 
     convert(source, out, samples_per_shard=PER_SHARD, part=Part(0, 2), progress=False)
-    assert [p.exists() for p in (dead, alive, elsewhere, other_split)] == [False, True, True, True]
+    assert [p.exists() for p in (dead, alive, elsewhere, other_split, same_prefix)] == [False, True, True, True, True]
     convert(source, out, samples_per_shard=PER_SHARD, part=Part(1, 2), progress=False)
     convert(source, out, samples_per_shard=PER_SHARD, merge=True, progress=False)
-    assert [p.exists() for p in (alive, elsewhere, other_split)] == [False, False, True]
+    assert [p.exists() for p in (alive, elsewhere, other_split, same_prefix)] == [False, False, True, True]
     assert verify(out) == []
 
 

@@ -118,3 +118,12 @@ def test_a_negative_window_is_a_config_error() -> None:
                       ["data.window_samples=-1"])
     with pytest.raises(ConfigError, match=r"data.window_samples=-1 must be 0 \(the default order\) or a sample count"):
         cfg.validate(1, check_paths=False)
+
+
+def test_a_window_longer_than_a_region_is_bounded_by_the_region() -> None:
+    """A stream reads only its own region, so a window past it adds no shards to the bound (nor to the cache the
+    preflight asks for)."""
+    region = Order(LENGTHS, 32, 8, seed=0, window=1).region
+    whole = Order(LENGTHS, 32, 8, seed=0, window=region).stream_shard_bound()
+    assert Order(LENGTHS, 32, 8, seed=0, window=100 * region).stream_shard_bound() == whole
+    assert whole <= Order(LENGTHS, 32, 8, seed=0).stream_shard_bound()

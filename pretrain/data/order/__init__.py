@@ -263,7 +263,7 @@ class Order:
         ``L`` the shortest such shard; a rank's working set is at most twice this per stream it
         holds (``rank_shard_bound``), twice for a window's end inside a step or the loader's lookahead.
         """
-        span = self.window if self.window else self.region
+        span = min(self.window or self.region, self.region)  # a window never reaches past its stream's region
         shortest = int(self.lengths[self.lengths > 0].min())
         return min(int(np.count_nonzero(self.lengths)), 1 + -(-(span - 1) // shortest))
 

@@ -36,7 +36,7 @@ from data_tools import storage
 from data_tools.manifest import INFO_FILE, read_info, read_split
 from pretrain.config import ConfigError
 from pretrain.data.order import Order, default_streams
-from pretrain.data.shards import is_remote_prefix
+from pretrain.data.shards import is_remote_prefix, resolve_shards
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,11 @@ def read_manifests(data: Any) -> Manifests:
                           "(local, or an s3://, gs:// or https:// prefix): the train order is computed from its shard "
                           "lengths (`python -m data_tools convert` writes it)")
     eval_dir = _manifest_dir(data.eval_shards, "data.eval_shards")  # pipe: stays fine for eval (no manifest)
+    if eval_dir is None and data.eval_shards:
+        try:  # a pattern or list: its local shards exist and its remote schemes' back ends are installed
+            resolve_shards(data.eval_shards, data.eval_split, "data.eval_shards")
+        except (ValueError, OSError) as exn:
+            raise ConfigError(str(exn)) from None
     return Manifests(read_manifest(train_dir, data.train_split, "train"),
                      read_manifest(eval_dir, data.eval_split, "eval") if eval_dir else None)
 

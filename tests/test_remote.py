@@ -354,3 +354,19 @@ def test_object_storage_refusing_the_manifest_read_is_one_line_naming_what_to_ch
         "data.train_shards=s3://bucket/prefix: could not read s3://bucket/prefix/_info.json: NoCredentialsError: "
         "Unable to locate credentials; check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, and "
         "AWS_ENDPOINT_URL for an S3-compatible store, and the network")
+
+
+def test_a_remote_eval_pattern_without_its_extra_fails_before_launch(s3_demo: str, demo_shards: Path,
+                                                                      monkeypatch) -> None:
+    """A brace pattern of s3:// eval shards is checked like a prefix: without s3fs, one line before launch, not an
+    evaluation that skips every shard and reports 0 of 0."""
+    import importlib.util
+
+    pattern = f"{s3_demo}/val-{{000000..000001}}.tar"
+    cfg = load_config(REPO / "configs" / "pretrain" / "demo.yaml",
+                      [f"data.train_shards={demo_shards}", f"data.eval_shards={pattern}"])
+    preflight(cfg, 1)  # with s3fs: fine
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "s3fs" else real(name, *a))
+    assert _error(cfg) == (f"data.eval_shards='{s3_demo}/val-000000.tar' needs s3fs for s3:// (not installed): "
+                           "pip install 'vitscale[s3]'")

@@ -54,6 +54,14 @@ def resolve_shards(spec: Union[str, list[str]], split: str, what: str = "data.tr
         shards = ShardSet([u for item in items for u in expand_urls(item)])
     if not shards.urls:
         raise ValueError(f"{what} is empty: point it at a shard directory, a brace pattern or a list of .tar files")
+    # A pattern or list of s3://, gs:// or https:// shards needs its back end like a prefix does: without it,
+    # every shard would fail to open, be skipped by the eval stream, and the evaluation report 0 of 0.
+    first_of_scheme: dict[str, str] = {}
+    for url in shards.urls:
+        if storage.is_remote(url) and not url.startswith(("pipe:", "file:")):
+            first_of_scheme.setdefault(storage.scheme(url), url)
+    for url in first_of_scheme.values():
+        storage.require_backend(url, what)
     missing = [u for u in shards.urls if not storage.is_remote(u) and not Path(u).is_file()]
     if missing:
         raise FileNotFoundError(

@@ -47,7 +47,6 @@ from accelerate.utils.constants import RNG_STATE_NAME
 from PIL import Image
 
 from data_tools.manifest import write_text_atomic
-from pretrain import collective
 from pretrain.checkpoint import (CheckpointDir, check_shapes, load_rng, param_shapes, save_collective, save_rng,
                                  set_rng_state)
 from pretrain.config import ConfigError, config_to_dict, dump_config
@@ -438,10 +437,13 @@ def loop(run: Run) -> int:
                 log.warning("received %s: checkpoint at step %d %s", run.flag.describe(), state.step,
                             f"saved, exiting with {EXIT_PREEMPTED} for requeue" if saved else "could NOT be saved")
                 return EXIT_PREEMPTED if saved else 1
+            if not saved:
+                return 1  # as pretraining: steps on would only add work no checkpoint keeps (the error line says why)
         run.window_start = time.perf_counter()
     # --- final checkpoint, evaluation and export
-    if not cfg.checkpoint.every_steps or state.step % cfg.checkpoint.every_steps:
-        save(run.parts, cfg, state, run.ckdir)
+    if (not cfg.checkpoint.every_steps or state.step % cfg.checkpoint.every_steps) and not save(
+            run.parts, cfg, state, run.ckdir):
+        return 1
     if cfg.data.eval_shards:
         result = run_eval(run.parts, cfg, run.env, state.step, run.writer)
         if acc.is_main_process:

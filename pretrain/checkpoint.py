@@ -255,7 +255,7 @@ def rng_file(directory: Path) -> Path:
 
 
 def save_rng(directory: Path) -> None:
-    torch.save(rng_state(), rng_file(directory))
+    save_file(rng_state(), str(rng_file(directory)))  # a full disk here too is an OSError naming the file
 
 
 def load_rng(directory: Path) -> bool:

@@ -108,3 +108,20 @@ def test_every_steps_0_checkpoints_only_at_the_end(tmp_path, demo_shards, fresh_
     ckdir = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckdir.glob("step_*")) == ["step_00000003"]
     assert CheckpointDir(ckdir).find().step == 3
+
+
+@pytest.mark.parametrize("every", [1, 0], ids=["periodic", "final"])
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_exit_1(every: int, tmp_path, demo_shards,
+                                                                       fresh_accelerate, monkeypatch) -> None:
+    """A full disk at a periodic or the final save: no commit, exit 1 (as pretraining), not a run that goes on or
+    reports success without the checkpoint it promised."""
+    import finetune.train
+
+    def full_disk(path: Path) -> None:
+        raise OSError(28, f"could not write {path}/rng.pt: No space left on device")
+
+    monkeypatch.setattr(finetune.train, "save_rng", full_disk)
+    cfg = apply_overrides(FinetuneConfig(), [*tiny_overrides(tmp_path, demo_shards), "schedule.total_steps=2",
+                                             f"checkpoint.every_steps={every}"])
+    assert train(cfg) == 1
+    assert CheckpointDir(tmp_path / "run" / "checkpoints").find() is None

@@ -54,7 +54,7 @@ from pretrain.data.eval_stream import build_eval_stream
 from pretrain.data.train_stream import StreamPosition, TrainStream, build_train_stream
 from pretrain.data.transforms import BatchPreprocessor
 from pretrain.distributed import DistEnv, join, log_nccl
-from pretrain.engine import grad_accum_steps, step_skipped
+from pretrain.engine import grad_accum_steps, step_skipped, with_device_step_settings
 from pretrain.evaluate import EvalResult, evaluate_model
 from pretrain.flops import flops_per_image
 from pretrain.loss import LossFn, build_loss, target_kind
@@ -152,8 +152,11 @@ def build_accelerator(cfg: FinetuneConfig, accum: int) -> Accelerator:
     plugin = DeepSpeedPlugin(zero_stage=cfg.accelerate.zero_stage, gradient_accumulation_steps=accum,
                              gradient_clipping=cfg.optim.grad_clip or None)
     # No dataloader goes through prepare(), so the batch sizes cannot be "auto".
+    # bf16's "enabled" is set here: a "bf16" section present keeps Accelerate from enabling it.
     plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=cfg.data.micro_batch_size,
-                                   train_batch_size=cfg.data.global_batch_size)
+                                   train_batch_size=cfg.data.global_batch_size,
+                                   bf16={"enabled": cfg.accelerate.mixed_precision == "bf16"})
+    plugin.deepspeed_config = with_device_step_settings(plugin.deepspeed_config)  # as pretraining's engine
     return Accelerator(deepspeed_plugin=plugin, **kwargs)
 
 

@@ -479,6 +479,10 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
+_YAML_BOOL_WORDS = {False: ("no", "off", "false", "n"), True: ("yes", "on", "true", "y")}
+"""The words YAML 1.1 (PyYAML) turns into a bool: ``mixed_precision=no`` means Accelerate's "no"."""
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it (ints widen to floats)."""
     origin = typing.get_origin(tp)
@@ -495,7 +499,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 continue
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
-        if value in args:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/off/false (yes/on/true) as a bool
+            value = next((a for a in args if isinstance(a, str) and a.lower() in _YAML_BOOL_WORDS[value]), value)
+        if not isinstance(value, bool) and value in args:  # True == 1: no Literal here holds a bool
             return value
         raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
     if origin is list:

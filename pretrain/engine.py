@@ -82,6 +82,19 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+DEVICE_STEP_SETTINGS: dict[str, Any] = {"timers": {"throughput": {"enabled": False}},
+                                        "bf16": {"check_grad_overflow": True}}
+"""What DeepSpeed needs for a step without host reads (``pretrain.lean_zero``): its throughput timer
+synchronises the device twice per micro-batch, and in bf16 only ``check_grad_overflow`` makes a
+non-finite step one to skip (on the device) at all. Pretraining and finetuning's DeepSpeed plugin
+both take it (``with_device_step_settings``)."""
+
+
+def with_device_step_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``DEVICE_STEP_SETTINGS`` (``config`` says whether bf16 is enabled)."""
+    return _deep_merge(config, DEVICE_STEP_SETTINGS)
+
+
 def grad_accum_steps(cfg: Config, world_size: int) -> int:
     per_pass = cfg.data.micro_batch_size * world_size
     if cfg.data.micro_batch_size <= 0 or cfg.data.global_batch_size % per_pass:
@@ -137,16 +150,15 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": _zero_section(ds, gpu),
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": ds.precision == "bf16", "check_grad_overflow": True},
+        "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": STEPS_PER_PRINT_NEVER,
         "wall_clock_breakdown": False,
-        "timers": {"throughput": {"enabled": False}},
         "dump_state": False,
         "checkpoint": {"load_universal": load_universal},
         **_gradient_dtypes(ds),
     }
-    return _deep_merge(config, ds.extra)
+    return _deep_merge(with_device_step_settings(config), ds.extra)
 
 
 def build_engine(model: nn.Module, cfg: Config, ds_config: dict[str, Any]) -> Any:

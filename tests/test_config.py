@@ -98,6 +98,20 @@ def test_precedence_cli_over_file_over_defaults(tmp_path: Path) -> None:
     assert cfg.data.randaugment == [2, 10] and cfg.model.pre_logits is None
 
 
+def test_yaml_bool_words_read_as_the_choice_they_spell(tmp_path: Path) -> None:
+    """PyYAML reads a bare ``no`` as False: ``accelerate.mixed_precision=no`` (Accelerate's own word) and the
+    same line in a recipe are the choice "no"; a bool where only numbers are allowed stays an error (True == 1)."""
+    from finetune.config import FinetuneConfig
+
+    cfg = load_config(_write(tmp_path, "accelerate:\n  mixed_precision: no\n"), ["init=w.safetensors"],
+                      cls=FinetuneConfig)
+    assert cfg.accelerate.mixed_precision == "no"
+    cfg = load_config(None, ["init=w.safetensors", "accelerate.mixed_precision=no"], cls=FinetuneConfig)
+    assert cfg.accelerate.mixed_precision == "no"
+    with pytest.raises(ConfigError, match=r"True is not one of \[0, 1, 2, 3\]"):
+        apply_overrides(Config(), ["deepspeed.zero_stage=true"])
+
+
 @pytest.mark.parametrize(
     "override, fragment",
     [

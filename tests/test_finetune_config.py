@@ -94,3 +94,20 @@ def test_finetune_gives_accelerate_the_timeout_on_every_backend(gpu, zero_stage,
     gloo = not gpu and zero_stage is not None  # the plugin on CPU (FACTS.md)
     assert handler.to_kwargs() == {"timeout": timedelta(minutes=45), **({"backend": "gloo"} if gloo else {})}
     assert ("deepspeed_plugin" in given) == (zero_stage is not None)
+
+
+def test_finetunes_deepspeed_plugin_gets_the_settings_of_a_step_without_host_reads(monkeypatch):
+    """The plugin's config carries what pretraining's engine has (``DEVICE_STEP_SETTINGS``): no throughput timer
+    (two device syncs a micro-batch) and bf16's overflow check (else a non-finite bf16 step is applied), with
+    bf16 enabled as ``accelerate.mixed_precision`` says."""
+    import finetune.train
+
+    given = {}
+    monkeypatch.setattr(finetune.train, "Accelerator", lambda **kwargs: given.update(kwargs))
+    for precision in ("bf16", "no"):
+        cfg = load_config(None, ["init=w.safetensors", "accelerate.zero_stage=2",
+                                 f"accelerate.mixed_precision={precision}"], cls=FinetuneConfig)
+        finetune.train.build_accelerator(cfg, accum=1)
+        ds = given["deepspeed_plugin"].deepspeed_config
+        assert ds["timers"] == {"throughput": {"enabled": False}}
+        assert ds["bf16"] == {"enabled": precision == "bf16", "check_grad_overflow": True}

@@ -7,9 +7,11 @@ swapped in, a shard of another size, fewer samples than the manifest) fail befor
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +20,8 @@ import pytest
 
 from pretrain.config import ConfigError, DataConfig, load_config
 from pretrain.data.order import Order
-from pretrain.data.reader import ShardReader
+from pretrain.data import reader
+from pretrain.data.reader import ShardReader, tar_members
 from pretrain.data.sample_table import cached_index_path, sample_table
 from pretrain.data.train_stream import build_train_stream
 from pretrain.preflight import preflight
@@ -151,3 +154,44 @@ def test_reader_scale_benchmark_counts_one_open_per_shard_where_the_old_reader_r
     steps, accum = 1_400_000 // 4096, 4096 // (8 * 256)  # micro-batch 256: 2 per rank and step
     assert row["samples_read"] == -(-steps * accum // 8) * 256  # worker 0 of 8 builds every 8th micro-batch
     assert row["baseline_opens"] > 50 * row["opens"], row  # 7,560 vs 88 here
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes]], fmt: int) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as archive:
+        for info, payload in members:
+            info.size = len(payload) if info.isfile() else 0
+            archive.addfile(info, io.BytesIO(payload) if info.isfile() else None)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_members_reads_what_tarfile_reads(fmt: int) -> None:
+    """The reader's header parser against ``tarfile`` itself: plain, empty and 512-byte members, a directory
+    and a symlink (skipped), a ustar prefix (a 150-byte path), a long and a non-ASCII name (pax or GNU
+    extended headers where the format has them); a damaged header or a cut member fails as tarfile fails."""
+    def info(name: str, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
+        made = tarfile.TarInfo(name)
+        made.type = kind
+        return made
+
+    names = ["a/key.jpg", "a/key.cls", "a/empty.txt", f"{'p' * 120}/{'k' * 30}.json"]
+    if fmt != tarfile.USTAR_FORMAT:  # ustar cannot hold these names
+        names += [f"{'n' * 140}.jpg", "clé.cls"]
+    members = [(info(name), bytes(range(256)) * (i + 1) if i != 2 else b"") for i, name in enumerate(names)]
+    members += [(info("a/dir", tarfile.DIRTYPE), b""), (info("a/link", tarfile.SYMTYPE), b""),
+                (info("a/block.jpg"), b"x" * 512)]
+    data = _tar(members, fmt)
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        expected = [(m.name, archive.extractfile(m).read()) for m in archive if m.isfile()]
+    assert len(expected) == len(names) + 1 and tar_members(data) == expected
+    with pytest.MonkeyPatch.context() as patch:  # plain ustar headers never need tarfile
+        patch.setattr(reader, "_tarfile_members", None)
+        assert tar_members(_tar(members[:4] + members[-3:], tarfile.USTAR_FORMAT)) == expected[:4] + expected[-1:]
+
+    damaged = bytearray(data)
+    damaged[3] ^= 1  # a name byte of the first header: its checksum fails
+    with pytest.raises(tarfile.TarError):
+        tar_members(bytes(damaged))
+    with pytest.raises(tarfile.TarError):
+        tar_members(data[:512 + 100])  # the first member's 256 bytes cut to 100

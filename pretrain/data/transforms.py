@@ -126,7 +126,13 @@ def crop_resize(image: torch.Tensor, box: tuple[int, int, int, int], size: int, 
     """Cut ``box`` (left, top, right, bottom) out of a uint8 (3, H, W) image, resize it antialiased to
     ``size`` x ``size`` and mirror it if ``flip``; on whatever device the image is."""
     left, top, right, bottom = box
-    out = F.resize(image[:, top:bottom, left:right], [size, size], antialias=True)
+    crop = image[:, top:bottom, left:right]
+    if image.stride(0) == 1 and not crop.is_contiguous(memory_format=torch.channels_last):
+        # An interleaved (HWC) decode cut to a box is no longer channels-last contiguous, and torch's resize
+        # would read it strided and write planar (CHW) pixels, which the channels-last batch then transposes
+        # back: copying the box's rows first costs less than either (0.10-0.15 of 0.4 CPU-ms at 224 px).
+        crop = crop.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    out = F.resize(crop, [size, size], antialias=True)
     return F.horizontal_flip(out) if flip else out
 
 

@@ -1,7 +1,7 @@
 """Run ``python -m MODULE ARGS`` and, just before its K-th file-system operation, SIGKILL it or cap its file size.
 
 ``python tests/fault_child.py K LOG [--limit BYTES] [--within TEXT] -- MODULE ARGS``:
-MODULE is ``data_tools``, ``pretrain`` or ``finetune``. The operations are the calls where
+MODULE is ``data_tools``, ``pretrain``, ``finetune`` or any module ``python -m`` runs. The operations are the calls where
 a crash can split the work (``OPERATIONS``: every data flush, rename, link, removal and
 folder creation), plus each sample added to a shard (the converter: a kill with a shard
 half written) and each ``torch.save`` and safetensors file (the trainers' checkpoint
@@ -10,8 +10,13 @@ checkpoint folder: its caches and temporary files vary from run to run). Each on
 appended to LOG as ``<operation> <arguments>`` (a flushed descriptor or an open file as
 its path) before it runs; K = 0 changes nothing (a dry run that counts them).
 
-At moment K the process kills itself with SIGKILL: no ``finally``, no atexit, no flush, as
-when a node fails or SLURM's kill timeout expires. With ``--limit BYTES`` it sets
+A ``python -m OTHER ...`` the module starts (DeepSpeed's universal-checkpoint conversion)
+runs under this wrapper too, with the same LOG and TEXT, and its operations take their
+turn in the count.
+
+At moment K the process kills its process group with SIGKILL (``run_child`` starts each
+run in a group of its own): no ``finally``, no atexit, no flush, no survivor, as when a
+node fails or SLURM's kill timeout expires. With ``--limit BYTES`` it sets
 ``RLIMIT_FSIZE`` instead (``SIGXFSZ`` ignored) and goes on: from then on every file that
 grows past BYTES fails to write in the kernel with ``EFBIG``, as a write does on a full
 disk or quota. Test-side wrapping of the standard library, so the product carries no
@@ -26,6 +31,7 @@ import json
 import os
 import random
 import resource
+import runpy
 import signal
 import subprocess
 import sys
@@ -37,13 +43,20 @@ KILLS = 5
 SEED = 20
 
 
-def run_child(moment_k: int, log: Path, module: str, *args: str, limit: Optional[int] = None, within: str = "",
-              timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python -m module args`` in a subprocess with the fault at operation ``moment_k`` (0: none)."""
+def child_command(moment_k: int, log: Path | str, module: str, *args: str, limit: Optional[int] = None,
+                  within: str = "") -> list[str]:
     flags = (["--limit", str(limit)] if limit is not None else []) + (["--within", within] if within else [])
+    return [sys.executable, __file__, str(moment_k), str(log), *flags, "--", module, *args]
+
+
+def run_child(moment_k: int, log: Path, module: str, *args: str, limit: Optional[int] = None, within: str = "",
+              timeout: float = 600, cpus: Optional[set[int]] = None) -> subprocess.CompletedProcess:
+    """``python -m module args`` in a subprocess (a process group of its own, on ``cpus`` if given) with the fault
+    at operation ``moment_k`` (0: none)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "SLURM_", "LOCAL_RANK"))}
-    return subprocess.run([sys.executable, __file__, str(moment_k), str(log), *flags, "--", module, *args],
-                          cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(child_command(moment_k, log, module, *args, limit=limit, within=within),
+                          cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True, preexec_fn=cpus and (lambda: os.sched_setaffinity(0, cpus)))
 
 
 def operations(log: Path) -> list[str]:
@@ -70,10 +83,10 @@ def of_step(ops: list[str], tag: str) -> list[int]:
     return list(range(numbers[0], latest + 1))
 
 
-def moments(candidates: Iterable[int], phase: str) -> list[int]:
-    """``KILLS`` distinct operation numbers out of ``candidates``, the same on every run (seeded by the phase)."""
+def moments(candidates: Iterable[int], phase: str, count: int = KILLS) -> list[int]:
+    """``count`` distinct operation numbers out of ``candidates``, the same on every run (seeded by the phase)."""
     pool = sorted(candidates)
-    return sorted(random.Random(f"{SEED}-{phase}").sample(pool, min(KILLS, len(pool))))
+    return sorted(random.Random(f"{SEED}-{phase}").sample(pool, min(count, len(pool))))
 
 
 def describe(arg: object) -> str:
@@ -94,7 +107,7 @@ def arm(module: str, moment_k: int, log_path: str, limit: Optional[int], within:
             return
         count += 1
         if count == moment_k and limit is None:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.killpg(os.getpgrp(), signal.SIGKILL)
         elif count == moment_k:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
@@ -118,6 +131,20 @@ def arm(module: str, moment_k: int, log_path: str, limit: Optional[int], within:
 
     torch.save = wrapped("torch.save", torch.save, slice(1, 2))
     safetensors.torch.save_file = wrapped("safetensors", safetensors.torch.save_file, slice(1, 2))
+    real_run = subprocess.run
+
+    def run(command, *args, **kwargs):
+        """``python -m OTHER ...`` under this wrapper, K counting on from here; its operations join the count."""
+        nonlocal count
+        if not (isinstance(command, list) and command[:2] == [sys.executable, "-m"]):
+            return real_run(command, *args, **kwargs)
+        before = len(operations(Path(log_path)))
+        remaining = moment_k - count if moment_k > count else 0
+        done = real_run(child_command(remaining, log_path, *command[2:], limit=limit, within=within), *args, **kwargs)
+        count += len(operations(Path(log_path))) - before
+        return done
+
+    subprocess.run = run
 
 
 if __name__ == "__main__":
@@ -126,6 +153,10 @@ if __name__ == "__main__":
     module = sys.argv[split + 1]
     limit = flags.get("--limit")
     arm(module, int(sys.argv[1]), sys.argv[2], None if limit is None else int(limit), flags.get("--within", ""))
+    if module not in ("data_tools", "pretrain", "finetune"):
+        sys.argv = [module, *sys.argv[split + 2:]]
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        sys.exit(0)
     status = importlib.import_module(f"{module}.__main__").main(sys.argv[split + 2:])
     if module == "data_tools":
         sys.exit(status)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fault_child import finished, moments, operations, run_child
 from learning import SEED, report, worker_env
 
 pytestmark = pytest.mark.slow
@@ -36,10 +37,15 @@ COMMON = [f"schedule.total_steps={STEPS}", "schedule.warmup_steps=5", "checkpoin
 """The demo recipe, shortened; without MixUp the loss of 40 steps falls clearly (MixUp's soft targets keep it high)."""
 
 
+def pretrain_args(run_dir: Path, shards: Path, *extra: str) -> list[str]:
+    """What follows ``-m pretrain``."""
+    return ["--config", RECIPE, f"run.dir={run_dir}", f"data.train_shards={shards}", f"data.eval_shards={shards}",
+            *COMMON, *extra]
+
+
 def pretrain_cmd(nproc: int, run_dir: Path, shards: Path, *extra: str) -> list[str]:
     launcher = TORCHRUN + [str(nproc)] if nproc > 1 else [sys.executable]
-    return launcher + ["-m", "pretrain", "--config", RECIPE, f"run.dir={run_dir}", f"data.train_shards={shards}",
-                       f"data.eval_shards={shards}", *COMMON, *extra]
+    return launcher + ["-m", "pretrain", *pretrain_args(run_dir, shards, *extra)]
 
 
 def run_pretrain(nproc: int, run_dir: Path, shards: Path, *extra: str, timeout: int = 240
@@ -236,7 +242,35 @@ def test_gpu_decode_path_resumes_with_the_cpu_paths_losses(reference: tuple[Path
     assert resumed == ref, {s: (ref[s], resumed.get(s)) for s in ref if ref[s] != resumed.get(s)}
 
 
-def test_resume_two_processes_on_one(reference: tuple[Path, str], demo_shards: Path, tmp_path: Path) -> None:
+def _from_step_30(ref_dir: Path, run_dir: Path) -> Path:
+    """A run folder holding only the 2-process reference's step-30 checkpoint, as latest."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ref_dir / "checkpoints" / "step_00000030", run_dir / "checkpoints" / "step_00000030")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000030")
+    return run_dir
+
+
+def resume_on_one(run_dir: Path, shards: Path, moment_k: int = 0) -> subprocess.CompletedProcess:
+    """``python -m pretrain`` on one CPU to step 33 from the step-30 checkpoint of 2 processes, through
+    ``fault_child.py``: a fault at the ``moment_k``-th operation in ``step_00000030/universal`` (the conversion,
+    DeepSpeed's ``ds_to_universal``, runs in-process on one CPU: its operations come in a fixed order)."""
+    universal = run_dir / "checkpoints" / "step_00000030" / "universal"
+    return run_child(moment_k, run_dir.with_suffix(".log"), "pretrain",
+                     *pretrain_args(run_dir, shards, "schedule.total_steps=33", "data.eval_shards="),
+                     within=str(universal), cpus={0}, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def resized(reference: tuple[Path, str], demo_shards: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> tuple[Path, str, list[str]]:
+    """(the run resumed on 1 process from the 2-process step-30 checkpoint, its output, its operations in the
+    conversion's folder)."""
+    run_dir = _from_step_30(reference[0], tmp_path_factory.mktemp("resized") / "run")
+    log = finished(resume_on_one(run_dir, demo_shards))
+    return run_dir, log, operations(run_dir.with_suffix(".log"))
+
+
+def test_resume_two_processes_on_one(reference: tuple[Path, str], resized: tuple[Path, str, list[str]]) -> None:
     """Must show 4: the step-30 checkpoint of the 2-process run continues on 1 process (universal checkpoint).
 
     The data order differs (the stream is seeded per rank), so losses are compared
@@ -244,11 +278,7 @@ def test_resume_two_processes_on_one(reference: tuple[Path, str], demo_shards: P
     below the untrained loss.
     """
     ref_dir = reference[0]
-    run_dir = tmp_path / "run"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copytree(ref_dir / "checkpoints" / "step_00000030", run_dir / "checkpoints" / "step_00000030")
-    (run_dir / "checkpoints" / "latest").write_text("step_00000030")
-    log = check_ok(run_pretrain(1, run_dir, demo_shards, "schedule.total_steps=33", "data.eval_shards="))
+    run_dir, log, _ = resized
     assert "converting to a universal checkpoint" in log and "resumed from" in log
     ref, resumed = losses(ref_dir), losses(run_dir)
     assert sorted(resumed) == [31, 32, 33]
@@ -256,6 +286,31 @@ def test_resume_two_processes_on_one(reference: tuple[Path, str], demo_shards: P
     mean_start = sum(ref[s] for s in range(1, 6)) / 5
     assert abs(mean_resumed - mean_ref) < 0.1 and mean_resumed < mean_start - 0.03, (resumed, ref)
     assert (run_dir / "checkpoints" / "step_00000033" / "complete.json").is_file()
+
+
+@pytest.mark.faults
+def test_sigkill_during_the_universal_conversion_then_the_next_run_converts_again(
+        reference: tuple[Path, str], resized: tuple[Path, str, list[str]], demo_shards: Path, tmp_path: Path) -> None:
+    """Issue 20 item 5: SIGKILL of the whole run (trainer and DeepSpeed's converter, one process group, as a node
+    failure) at 5 seeded moments of the universal conversion: 2 while it extracts the partitions' slices, 2 while
+    it merges them, 1 after (removing the slices, writing the ``complete.json`` marker); the next run must not
+    load the partial conversion but convert again, then train steps 31-33 with exactly the losses of the run
+    that was never interrupted."""
+    resized_dir, _, ops = resized
+    merge = [n for n, op in enumerate(ops, 1) if "/universal/zero/" in op]
+    phases = {"extract": list(range(1, merge[0])), "merge": merge,
+              "finish": list(range(merge[-1] + 1, len(ops) + 1))}  # the slices' folder removed, the marker
+    assert sum(op.startswith("torch.save") for op in ops[:merge[0]]) > 100 and "complete.json" in ops[-2], ops[-3:]
+    picked = [moments(numbers, f"universal {phase}", count) for (phase, numbers), count in zip(phases.items(), (2, 2, 1))]
+    for moment_k in sorted(sum(picked, [])):
+        run_dir = _from_step_30(reference[0], tmp_path / f"run-{moment_k}")
+        done = resume_on_one(run_dir, demo_shards, moment_k)
+        assert done.returncode == -signal.SIGKILL, (ops[moment_k - 1], (done.stdout + done.stderr)[-3000:])
+        universal = run_dir / "checkpoints" / "step_00000030" / "universal"
+        assert not (universal / "complete.json").is_file() and not (run_dir / "metrics.jsonl").is_file()
+        log = finished(resume_on_one(run_dir, demo_shards))
+        assert "converting to a universal checkpoint" in log and (universal / "complete.json").is_file()
+        assert losses(run_dir) == losses(resized_dir), ops[moment_k - 1]
 
 
 def test_export_loads_without_deepspeed_into_timm(reference: tuple[Path, str], tmp_path: Path) -> None:

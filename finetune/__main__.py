@@ -3,8 +3,9 @@
 Runs on one process, or several under ``torchrun``, ``accelerate launch`` or
 SLURM ``srun``. Exit statuses (launchers rely on them): 0 finished, 75 preempted
 after a clean save, or stopped by a signal during start-up before the first step
-(requeue), 2 config/usage error or pretrained weights that do not fit the model
-(found before any process group starts), 3 too many non-finite steps, anything
+(requeue), 2 config/usage error, pretrained weights that do not fit the model
+(found before any process group starts) or a damaged checkpoint (one line names the
+file and how to resume from the previous one), 3 too many non-finite steps, anything
 else a real error.
 """
 
@@ -22,6 +23,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with PreemptionFlag() as flag:
         args = parse_stage_args("python -m finetune", __doc__, "configs/finetune/demo.yaml", argv,
                                 overrides_help="init=PATH and section.key=value overrides (CLI > file > defaults)")
+        from pretrain.checkpoint import DamagedCheckpointError
         from pretrain.distributed import check_cpu_budget
 
         from .config import FinetuneConfig
@@ -38,6 +40,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             return train(cfg, flag)
         except PretrainedLoadError as exn:
             print(f"error loading init={cfg.init}: {exn}", file=sys.stderr)
+            return EXIT_CONFIG
+        except DamagedCheckpointError as exn:
+            print(f"error: {exn}", file=sys.stderr)
             return EXIT_CONFIG
 
 

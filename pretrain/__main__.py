@@ -4,12 +4,14 @@ Exit statuses (launchers rely on them): 0 finished, 75 preempted after a clean
 save (requeue), or stopped by a signal during start-up before the first step
 (requeue; nothing new to save), 1 a checkpoint could not be written (one line names
 the file and why; the previous checkpoint stays the latest), 2 config/usage error
-(raised before any process group starts), 3 too many non-finite losses, anything
+(raised before any process group starts) or a damaged checkpoint (one line names the
+file and how to resume from the previous one), 3 too many non-finite losses, anything
 else a real error.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 from pretrain.cli import exit_process, load_checked, parse_stage_args, setup_logging
@@ -20,6 +22,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # The flag first: torch and DeepSpeed take seconds to import, and a signal then must not kill us.
     with PreemptionFlag() as flag:
         args = parse_stage_args("python -m pretrain", __doc__, "configs/pretrain/demo.yaml", argv)
+        from pretrain.checkpoint import DamagedCheckpointError
         from pretrain.config import Config
         from pretrain.distributed import check_cpu_budget, init_distributed, shutdown_distributed
         from pretrain.train import check_config, resume_point, train
@@ -30,7 +33,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         env, cfg = loaded
         setup_logging(env)
         check_cpu_budget(env, cfg.data.num_workers)
-        resume_point(cfg, env)  # a world-size change converts the checkpoint before any collective can time out
+        try:
+            resume_point(cfg, env)  # a world-size change converts the checkpoint before any collective can time out
+        except DamagedCheckpointError as exn:
+            print(f"error: {exn}", file=sys.stderr)
+            return EXIT_CONFIG
         device = init_distributed(env, cfg.distributed.timeout_min)
         try:
             return train(cfg, env, device, flag)

@@ -76,6 +76,10 @@ class Checkpoint:
         return self.meta.get("world_size")
 
 
+class DamagedCheckpointError(RuntimeError):
+    """A complete checkpoint whose files no longer have the sizes written: the trainers exit 2 with its one line."""
+
+
 class CheckpointDir:
     """The ``checkpoints/`` folder of a run; the write-side methods are called on rank 0 only."""
 
@@ -152,7 +156,7 @@ class CheckpointDir:
             back = (f"to resume from {earlier[-1].path} (step {earlier[-1].step}), move the damaged one aside: "
                     f"mv {checkpoint.path} {checkpoint.path}.damaged" if earlier else
                     "there is no earlier checkpoint: start over with a new run.dir or checkpoint.resume=false")
-            raise RuntimeError(f"checkpoint {checkpoint.path} is damaged: {name} has "
+            raise DamagedCheckpointError(f"checkpoint {checkpoint.path} is damaged: {name} has "
                                f"{'no file' if found is None else f'{found} bytes'}, {size} bytes were written; {back}")
 
     def abort(self, step: int) -> None:

@@ -9,6 +9,7 @@ with the losses of an uninterrupted run.
 
 from __future__ import annotations
 
+import shutil
 import signal
 from pathlib import Path
 
@@ -29,13 +30,36 @@ def finetune(root: Path, overrides: list[str], moment_k: int = 0):
                      within=str(root / "run" / "checkpoints"))
 
 
-def test_sigkill_while_writing_a_checkpoint_then_the_next_run_resumes_from_the_last_complete_one(
-        demo_shards: Path, tmp_path: Path) -> None:
-    reference = tmp_path / "reference"
-    reference.mkdir()
+@pytest.fixture(scope="module")
+def uninterrupted(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], list[str]]:
+    """(the uninterrupted run's folder, the overrides of every run, its checkpoint operations in order)."""
+    reference = tmp_path_factory.mktemp("reference")
     overrides = tiny_overrides(reference, demo_shards)  # one pretrained export for every run
     finished(finetune(reference, overrides))
-    ops = operations(reference / "run.log")
+    return reference, overrides, operations(reference / "run.log")
+
+
+def test_a_checkpoint_damaged_after_it_completed_exits_2_with_one_line_and_the_way_back(uninterrupted,
+                                                                                       tmp_path: Path) -> None:
+    reference, overrides, _ = uninterrupted
+    root = tmp_path / "damaged"
+    shutil.copytree(reference / "run", root / "run")
+    ckdir = CheckpointDir(root / "run" / "checkpoints")
+    damaged = max((f for f in ckdir.path(6).rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    size = damaged.stat().st_size
+    damaged.write_bytes(damaged.read_bytes()[:size // 2])
+    done = finetune(root, [*overrides, f"run.dir={root / 'run'}", f"schedule.total_steps={STEPS + 2}"])
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and "Traceback" not in output, output[-3000:]
+    assert [line for line in output.splitlines() if "damaged" in line] == [
+        f"error: checkpoint {ckdir.path(6)} is damaged: {damaged.relative_to(ckdir.path(6))} has {size // 2} bytes, "
+        f"{size} bytes were written; to resume from {ckdir.path(4)} (step 4), move the damaged one aside: "
+        f"mv {ckdir.path(6)} {ckdir.path(6)}.damaged"], output[-3000:]
+
+
+def test_sigkill_while_writing_a_checkpoint_then_the_next_run_resumes_from_the_last_complete_one(
+        uninterrupted, tmp_path: Path) -> None:
+    reference, overrides, ops = uninterrupted
     for moment_k in moments(of_step(ops, step_tag(4)), "finetune checkpoint"):
         root = tmp_path / f"killed-{moment_k}"
         root.mkdir()

@@ -129,13 +129,6 @@ def build_index(shard: PathLike) -> ShardIndex:
     return ShardIndex(keys, offsets, lengths, shard_size(shard))
 
 
-def write_index(shard: PathLike) -> ShardIndex:
-    """Build the index of ``shard`` and write it beside the shard (atomically)."""
-    index = build_index(shard)
-    write_text_atomic(index_path(shard), index.to_text())
-    return index
-
-
 def read_index(shard: PathLike, path: PathLike | None = None) -> ShardIndex | None:
     """The index of ``shard`` stored at ``path`` (default: beside it), or None when there is none.
 

@@ -31,7 +31,7 @@ import hashlib
 import io
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import numpy as np
 import webdataset as wds  # imported before the pool forks: each worker would spend ~2 s importing torch
@@ -59,27 +59,18 @@ def verify(out: Union[str, Path], workers: int = 1, part: Optional[Part] = None)
     """Problems found in ``out``, one line each naming the shard (and sample); empty when all is well."""
     remote = storage.is_remote(str(out))
     out = str(out) if remote else Path(out)
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
     if remote:
         storage.require_backend(out, "the shard prefix")
     info = storage.read_info(out) if remote else read_info(out)
     classes = storage.read_classes(out) if remote else read_classes(out)
-    problems = []
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext()
-    with pool as executor:
-        for split, entry in info["splits"].items():
-            checksums = entry.get("sha256") or [None] * len(entry["filenames"])
-            jobs = [ShardJob(storage.join(out, name) if remote else out / name, length, checksum, classes)
-                    for i, (name, length, checksum) in enumerate(zip(entry["filenames"], entry["shard_lengths"], checksums))
-                    if part is None or part.owns(i)]
-            results = list((executor.map if executor else map)(check_shard, jobs))
-            for shard_problems, _ in results:
-                problems += shard_problems
-            problems += _duplicate_keys([(_name(job.path), keys) for job, (_, keys) in zip(jobs, results)])
-            if part is None:
-                problems += _count_problems(split, entry)
-    return problems
+
+    def jobs(entry: dict) -> list[ShardJob]:
+        checksums = entry.get("sha256") or [None] * len(entry["filenames"])
+        return [ShardJob(storage.join(out, name) if remote else out / name, length, checksum, classes)
+                for i, (name, length, checksum) in enumerate(zip(entry["filenames"], entry["shard_lengths"], checksums))
+                if part is None or part.owns(i)]
+
+    return _check_splits(info, jobs, check_shard, workers, counts=part is None)
 
 
 def verify_merge(out: Union[str, Path], workers: int = 1) -> list[str]:
@@ -93,19 +84,29 @@ def verify_merge(out: Union[str, Path], workers: int = 1) -> list[str]:
         raise ValueError(f"verify --merge reads the shards' local indexes; {out} is remote: run it on the folder "
                          "the converter wrote, or `python -m data_tools verify` on the prefix")
     out = Path(out)
+    return _check_splits(read_info(out), lambda entry: [ShardJob(out / name, length, None, None) for name, length
+                                                        in zip(entry["filenames"], entry["shard_lengths"])],
+                         indexed_keys, workers)
+
+
+def _check_splits(info: dict, jobs: Callable[[dict], list[ShardJob]],
+                  check: Callable[[ShardJob], tuple[list[str], np.ndarray]], workers: int, counts: bool = True
+                  ) -> list[str]:
+    """``check`` over each split's shard ``jobs`` on ``workers`` processes: the shards' problems, keys repeated
+    across them and, with ``counts``, the split's totals against ``_info.json``."""
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     problems = []
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext()
     with pool as executor:
-        for split, entry in read_info(out)["splits"].items():
-            jobs = [ShardJob(out / name, length, None, None)
-                    for name, length in zip(entry["filenames"], entry["shard_lengths"])]
-            results = list((executor.map if executor else map)(indexed_keys, jobs))
+        for split, entry in info["splits"].items():
+            split_jobs = jobs(entry)
+            results = list((executor.map if executor else map)(check, split_jobs))
             for shard_problems, _ in results:
                 problems += shard_problems
-            problems += _duplicate_keys([(job.path.name, keys) for job, (_, keys) in zip(jobs, results)])
-            problems += _count_problems(split, entry)
+            problems += _duplicate_keys([(_name(job.path), keys) for job, (_, keys) in zip(split_jobs, results)])
+            if counts:
+                problems += _count_problems(split, entry)
     return problems
 
 

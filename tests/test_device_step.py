@@ -17,7 +17,7 @@ import torch
 import pretrain.train as train_module
 from pretrain.train import train
 from test_finetune_preempt import fresh_accelerate, tiny_overrides  # noqa: F401  (fresh_accelerate is a fixture)
-from test_pretrain_engine import process_group, tiny_config  # noqa: F401  (process_group is a fixture)
+from test_pretrain_engine import nan_losses_from, process_group, tiny_config  # noqa: F401  (process_group is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 INPUT_PATH = str(REPO / "pretrain" / "data")
@@ -262,21 +262,9 @@ def test_finetune_nonfinite_steps_are_skipped_on_the_device_and_stop_at_the_sync
     from safetensors.torch import load_file
 
     import finetune.train as finetune_module
-    from pretrain.loss import build_loss
     from pretrain.train import EXIT_NONFINITE
 
-    calls = {"n": 0}
-
-    def nan_from_step_3(cfg):
-        loss = build_loss(cfg)
-
-        def fn(logits, target):
-            calls["n"] += 1
-            value = loss(logits, target)
-            return value * float("nan") if calls["n"] > 4 else value     # 2 micro-batches a step
-        return fn
-
-    monkeypatch.setattr(finetune_module, "build_loss", nan_from_step_3)
+    monkeypatch.setattr(finetune_module, "build_loss", nan_losses_from(5))  # 2 micro-batches a step: step 3 on
     cfg = finetune_config(tmp_path, demo_shards, "schedule.total_steps=10", "logging.every_steps=4",
                           "checkpoint.every_steps=2", "optim.max_nonfinite_steps=2", "checkpoint.keep_last=5")
     assert finetune_module.train(cfg) == EXIT_NONFINITE

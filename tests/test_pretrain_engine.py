@@ -54,23 +54,27 @@ def weights(ckdir: CheckpointDir, step: int, stage: int) -> dict[str, torch.Tens
     return consolidated_state_dict(ckdir.path(step), stage)
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_nonfinite_losses_skip_updates_then_stop(stage: int, process_group, demo_shards: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Steps 5 and 6 have a NaN loss: both updates are skipped, and 2 in a row stop the run with the
-    last good weights (those of step 4) saved."""
+def nan_losses_from(call: int):
+    """A stand-in for ``build_loss`` whose losses are NaN from its ``call``-th call on (a micro-batch a call)."""
     calls = {"n": 0}
 
-    def nan_from_step_5(cfg):
+    def build(cfg):
         loss = build_loss(cfg)
 
         def fn(logits, target):
             calls["n"] += 1
             value = loss(logits, target)
-            return value * float("nan") if calls["n"] >= 5 else value
+            return value * float("nan") if calls["n"] >= call else value
         return fn
+    return build
 
-    monkeypatch.setattr(train_module, "build_loss", nan_from_step_5)
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_nonfinite_losses_skip_updates_then_stop(stage: int, process_group, demo_shards: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps 5 and 6 have a NaN loss: both updates are skipped, and 2 in a row stop the run with the
+    last good weights (those of step 4) saved."""
+    monkeypatch.setattr(train_module, "build_loss", nan_losses_from(5))
     cfg = tiny_config(tmp_path / "run", demo_shards, f"deepspeed.zero_stage={stage}", "schedule.total_steps=10",
                       "checkpoint.every_steps=2", "checkpoint.keep_last=5", "optim.max_nonfinite_steps=2")
     env, device = process_group

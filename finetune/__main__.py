@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from pretrain.cli import exit_process, load_checked, parse_stage_args, setup_logging
+from pretrain.cli import exit_process, load_checked, parse_stage_args
 from pretrain.signals import EXIT_CONFIG, PreemptionFlag
 
 
@@ -24,7 +24,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = parse_stage_args("python -m finetune", __doc__, "configs/finetune/demo.yaml", argv,
                                 overrides_help="init=PATH and section.key=value overrides (CLI > file > defaults)")
         from pretrain.checkpoint import DamagedCheckpointError
-        from pretrain.distributed import check_cpu_budget
 
         from .config import FinetuneConfig
         from .load import PretrainedLoadError
@@ -33,9 +32,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         loaded = load_checked(args, FinetuneConfig, check_config)
         if loaded is None:
             return EXIT_CONFIG
-        env, cfg = loaded
-        setup_logging(env)
-        check_cpu_budget(env, cfg.data.num_workers)
+        _, cfg = loaded
         try:
             return train(cfg, flag)
         except PretrainedLoadError as exn:

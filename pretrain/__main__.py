@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from pretrain.cli import exit_process, load_checked, parse_stage_args, setup_logging
+from pretrain.cli import exit_process, load_checked, parse_stage_args
 from pretrain.signals import EXIT_CONFIG, PreemptionFlag
 
 
@@ -24,15 +24,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = parse_stage_args("python -m pretrain", __doc__, "configs/pretrain/demo.yaml", argv)
         from pretrain.checkpoint import DamagedCheckpointError
         from pretrain.config import Config
-        from pretrain.distributed import check_cpu_budget, init_distributed, shutdown_distributed
+        from pretrain.distributed import init_distributed, shutdown_distributed
         from pretrain.train import check_config, resume_point, train
 
         loaded = load_checked(args, Config, check_config)
         if loaded is None:
             return EXIT_CONFIG
         env, cfg = loaded
-        setup_logging(env)
-        check_cpu_budget(env, cfg.data.num_workers)
         try:
             resume_point(cfg, env)  # a world-size change converts the checkpoint before any collective can time out
         except DamagedCheckpointError as exn:

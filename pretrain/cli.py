@@ -34,12 +34,13 @@ def parse_stage_args(prog: str, doc: Optional[str], example: str, argv: Optional
 
 def load_checked(args: argparse.Namespace, cls: type[C], check_config: Callable[[C, int], Any]
                  ) -> Optional[tuple[DistEnv, C]]:
-    """Read the distributed env, load the config and run ``check_config(cfg, world_size)``.
+    """Read the distributed env, load the config and run ``check_config(cfg, world_size)``; then set up
+    logging and check the CPU budget of the config's loader workers (``check_cpu_budget``).
 
     Returns None after printing ``config error: ...`` to stderr when any of them rejects
     its input; the caller then exits with ``EXIT_CONFIG`` before any process group starts.
     """
-    from pretrain.distributed import DistEnv
+    from pretrain.distributed import DistEnv, check_cpu_budget
 
     try:
         env = DistEnv.from_env()
@@ -48,6 +49,8 @@ def load_checked(args: argparse.Namespace, cls: type[C], check_config: Callable[
     except (ConfigError, ValueError) as exn:
         print(f"config error: {exn}", file=sys.stderr)
         return None
+    setup_logging(env)
+    check_cpu_budget(env, cfg.data.num_workers)
     return env, cfg
 
 

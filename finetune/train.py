@@ -41,14 +41,15 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import accelerate.checkpointing
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, set_seed
 from accelerate.utils.constants import RNG_STATE_NAME
 from PIL import Image
 
 from data_tools.manifest import write_text_atomic
-from pretrain.checkpoint import (CheckpointDir, check_shapes, load_rng, param_shapes, save_collective, save_rng,
-                                 set_rng_state)
+from pretrain.checkpoint import (CheckpointDir, check_shapes, load_rng, newest_file, param_shapes, save_collective,
+                                 save_rng, set_rng_state, write_error, writes_named)
 from pretrain.config import ConfigError, config_to_dict, dump_config
 from pretrain.data.eval_stream import build_eval_stream
 from pretrain.data.train_stream import StreamPosition, TrainStream, build_train_stream
@@ -274,7 +275,11 @@ def save(parts: Parts, cfg: FinetuneConfig, state: TrainerState, ckdir: Checkpoi
     acc = parts.accelerator
 
     def write(path: Path) -> None:
-        acc.save_state(str(path))
+        try:
+            with writes_named(accelerate.checkpointing):  # its weights, optimizer and scheduler files
+                acc.save_state(str(path))
+        except RuntimeError as exn:  # one of its other torch.save calls (they name no file on a full disk)
+            raise write_error(newest_file(path), exn) from exn
         save_rng(path)
         if acc.is_main_process:
             payload = {"state": asdict(state), "config": config_to_dict(cfg)}

@@ -25,6 +25,7 @@ when the world size changed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -327,10 +328,49 @@ def save_file(state: Any, path: str, zipfile: bool = True) -> None:
             handle.flush()
             os.fsync(handle.fileno())
     except (OSError, RuntimeError) as exn:
-        cause = exn if isinstance(exn, OSError) else exn.__context__
-        if isinstance(cause, OSError):
-            raise OSError(cause.errno, f"could not write {path}: {cause.strerror}") from exn
-        raise OSError(f"could not write {path}: {exn}") from exn
+        raise write_error(path, exn) from exn
+
+
+def write_error(path: Path | str, exn: BaseException) -> OSError:
+    """``exn``, raised while writing ``path``, as an ``OSError`` naming ``path`` and the system's reason where
+    ``exn`` carries one (torch's writer raises a ``RuntimeError`` whose context is the ``OSError``, safetensors'
+    Rust writer puts ``(os error N)`` in its message)."""
+    cause = exn if isinstance(exn, OSError) else exn.__context__
+    if isinstance(cause, OSError) and cause.errno is not None:
+        return OSError(cause.errno, f"could not write {path}: {cause.strerror}")
+    rust = re.search(r"\(os error (\d+)\)", str(exn))
+    if rust:
+        return OSError(int(rust.group(1)), f"could not write {path}: {os.strerror(int(rust.group(1)))}")
+    return OSError(f"could not write {path}: {exn}")
+
+
+def newest_file(folder: Path) -> Path:
+    """The file under ``folder`` written last: the one a writer that names no file was writing when it failed."""
+    return max((f for f in folder.rglob("*") if f.is_file()), key=lambda f: f.stat().st_mtime_ns, default=folder)
+
+
+@contextlib.contextmanager
+def writes_named(module: Any, name: str = "save") -> Iterator[None]:
+    """Within, a failed ``module.<name>(obj, path, ...)`` raises ``write_error(path, ...)``.
+
+    For writers that name no file on a full disk or a file-size limit: torch's (``RuntimeError``) and
+    safetensors' (``SafetensorError``, its partial file already removed, so ``newest_file`` cannot find it).
+    """
+    real = getattr(module, name)
+
+    def save(obj: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return real(obj, path, *args, **kwargs)
+        except Exception as exn:
+            if isinstance(exn, (OSError, RuntimeError)) or type(exn).__name__ == "SafetensorError":
+                raise write_error(path, exn) from exn
+            raise
+
+    setattr(module, name, save)
+    try:
+        yield
+    finally:
+        setattr(module, name, real)
 
 
 # ----------------------------------------------------------------- DeepSpeed

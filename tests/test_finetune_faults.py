@@ -21,13 +21,16 @@ from test_finetune_preempt import tiny_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 STEPS = 6
+LIMIT = 16 * 1024
+"""Bytes a file may grow to once the limit is set: below the tiny model's weights (44 KB, the first file written) and optimizer state, above the logs."""
 
 
-def finetune(root: Path, overrides: list[str], moment_k: int = 0):
-    """``python -m finetune`` for ``STEPS`` steps into ``root/run``, checkpoints every 2, killed at ``moment_k``."""
+def finetune(root: Path, overrides: list[str], moment_k: int = 0, limit=None):
+    """``python -m finetune`` for ``STEPS`` steps into ``root/run``, checkpoints every 2, killed at ``moment_k``
+    (or, with ``limit``, its files capped at ``limit`` bytes from then on)."""
     return run_child(moment_k, root / "run.log", "finetune", "--config", "configs/finetune/demo.yaml", *overrides,
                      f"schedule.total_steps={STEPS}", "checkpoint.every_steps=2", "checkpoint.keep_last=5",
-                     within=str(root / "run" / "checkpoints"))
+                     within=str(root / "run" / "checkpoints"), limit=limit)
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +40,25 @@ def uninterrupted(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -
     overrides = tiny_overrides(reference, demo_shards)  # one pretrained export for every run
     finished(finetune(reference, overrides))
     return reference, overrides, operations(reference / "run.log")
+
+
+def test_a_write_refused_mid_checkpoint_keeps_the_previous_one_and_exits_1_naming_the_file(uninterrupted,
+                                                                                          tmp_path: Path) -> None:
+    """``RLIMIT_FSIZE`` from the step-4 checkpoint's first operation on (``EFBIG``, as ``ENOSPC`` on a full disk):
+    Accelerate's writers (torch's and safetensors') name no file; the run still exits 1 with one line naming the
+    file being written and why, the partial folder removed, step 2 kept as the latest."""
+    reference, overrides, ops = uninterrupted
+    root = tmp_path / "refused"
+    root.mkdir()
+    done = finetune(root, [*overrides, f"run.dir={root / 'run'}"], of_step(ops, step_tag(4))[0], limit=LIMIT)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in output, output[-3000:]
+    ckdir = CheckpointDir(root / "run" / "checkpoints")
+    assert ckdir.find().step == 2 and not ckdir.path(4).exists()
+    errors = [line for line in output.splitlines() if "NOT saved" in line]
+    assert len(errors) == 1, output[-3000:]
+    assert f"checkpoint {step_tag(4)} was NOT saved: [Errno 27] could not write {ckdir.path(4)}/" in errors[0]
+    assert f"File too large; {ckdir.path(2)} is intact and stays latest" in errors[0]
 
 
 def test_a_checkpoint_damaged_after_it_completed_exits_2_with_one_line_and_the_way_back(uninterrupted,

@@ -12,11 +12,9 @@ PYTEST_WORKERS ?= 2
 
 .PHONY: install test demo clean-demo gpu-check gpu-bench gpu-wheels
 
-# --no-compile: pip would byte-compile all ~20,000 modules of the environment (torch, transformers, ...) at
-# install, about a minute on 2 cores; Python compiles the few hundred a run imports on first import instead.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --no-compile -e '.[dev]'
+	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -39,9 +39,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
+import accelerate.checkpointing
 import numpy as np
 import torch
-import accelerate.checkpointing
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DistributedType, InitProcessGroupKwargs, set_seed
 from accelerate.utils.constants import RNG_STATE_NAME

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch import nn
 
 from data_tools.manifest import write_text_atomic
@@ -158,7 +159,8 @@ class CheckpointDir:
                     f"mv {checkpoint.path} {checkpoint.path}.damaged" if earlier else
                     "there is no earlier checkpoint: start over with a new run.dir or checkpoint.resume=false")
             raise DamagedCheckpointError(f"checkpoint {checkpoint.path} is damaged: {name} has "
-                               f"{'no file' if found is None else f'{found} bytes'}, {size} bytes were written; {back}")
+                                         f"{'no file' if found is None else f'{found} bytes'}, {size} bytes were "
+                                         f"written; {back}")
 
     def abort(self, step: int) -> None:
         """Remove the partial ``step_N/`` of a failed save (it was never marked complete)."""
@@ -361,10 +363,8 @@ def writes_named(module: Any, name: str = "save") -> Iterator[None]:
     def save(obj: Any, path: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return real(obj, path, *args, **kwargs)
-        except Exception as exn:
-            if isinstance(exn, (OSError, RuntimeError)) or type(exn).__name__ == "SafetensorError":
-                raise write_error(path, exn) from exn
-            raise
+        except (OSError, RuntimeError, SafetensorError) as exn:
+            raise write_error(path, exn) from exn
 
     setattr(module, name, save)
     try:

@@ -55,7 +55,7 @@ from pretrain.data.eval_stream import build_eval_stream
 from pretrain.data.train_stream import StreamPosition, TrainStream, build_train_stream
 from pretrain.data.transforms import BatchPreprocessor
 from pretrain.distributed import DistEnv, join, log_nccl
-from pretrain.engine import grad_accum_steps, step_skipped, with_device_step_settings
+from pretrain.engine import grad_accum_steps, step_skipped, with_device_step_settings, without_inference_comm_build
 from pretrain.evaluate import EvalResult, evaluate_model
 from pretrain.flops import flops_per_image
 from pretrain.loss import LossFn, build_loss, target_kind
@@ -158,6 +158,7 @@ def build_accelerator(cfg: FinetuneConfig, accum: int) -> Accelerator:
                                    train_batch_size=cfg.data.global_batch_size,
                                    bf16={"enabled": cfg.accelerate.mixed_precision == "bf16"})
     plugin.deepspeed_config = with_device_step_settings(plugin.deepspeed_config)  # as pretraining's engine
+    without_inference_comm_build()
     return Accelerator(deepspeed_plugin=plugin, **kwargs)
 
 

@@ -24,6 +24,11 @@ Choices made here:
   ``step()`` then does nothing and DeepSpeed's engine, which reads the same attribute,
   counts the step as skipped, as with ZeRO.
 
+DeepSpeed's shared-memory all-reduce for CPUs (``deepspeed_shm_comm``) is not built
+(``without_inference_comm_build``): its comm backend JIT-compiles it when it starts, about a
+minute of C++ compiling on the first run in each environment, for ``inference_all_reduce`` only;
+training's collectives go through ``torch.distributed`` (``deepspeed/comm/torch.py``).
+
 DeepSpeed's throughput timer is off (``timers.throughput``): from the third step on it synchronised
 the device twice per micro-batch to time it, a wait for the GPU's queue in every step, for a
 figure nobody reads (``pretrain.metrics.Throughput`` times whole windows at the sync points).
@@ -161,10 +166,24 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False,
     return _deep_merge(with_device_step_settings(config), ds.extra)
 
 
+def without_inference_comm_build() -> None:
+    """Keep DeepSpeed's comm backend from building its CPU inference all-reduce (module docstring).
+
+    DeepSpeed decides from its probe of compatible ops, which it computes once per process and keeps
+    (``deepspeed.ops.__compatible_ops__``); marked incompatible there, ``build_shm_op`` returns None and
+    inference all-reduces fall back to ``torch.distributed``. Call before DeepSpeed's backend starts.
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def build_engine(model: nn.Module, cfg: Config, ds_config: dict[str, Any]) -> Any:
     """Wrap ``model`` with its optimizer and LR schedule in a DeepSpeed engine (process group must exist)."""
     import deepspeed
 
+    without_inference_comm_build()
     optimizer = build_optimizer(model, cfg.optim)
     if cfg.deepspeed.zero_stage == 0:
         _skippable(optimizer)

@@ -99,7 +99,12 @@ def test_finetune_gives_accelerate_the_timeout_on_every_backend(gpu, zero_stage,
 def test_finetunes_deepspeed_plugin_gets_the_settings_of_a_step_without_host_reads(monkeypatch):
     """The plugin's config carries what pretraining's engine has (``DEVICE_STEP_SETTINGS``): no throughput timer
     (two device syncs a micro-batch) and bf16's overflow check (else a non-finite bf16 step is applied), with
-    bf16 enabled as ``accelerate.mixed_precision`` says."""
+    bf16 enabled as ``accelerate.mixed_precision`` says; and DeepSpeed's CPU inference all-reduce is not built
+    when the Accelerator starts DeepSpeed's comm backend (``pretrain.engine.without_inference_comm_build``)."""
+    import deepspeed.ops
+    from deepspeed.comm.torch import build_shm_op
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
     import finetune.train
 
     given = {}
@@ -107,7 +112,9 @@ def test_finetunes_deepspeed_plugin_gets_the_settings_of_a_step_without_host_rea
     for precision in ("bf16", "no"):
         cfg = load_config(None, ["init=w.safetensors", "accelerate.zero_stage=2",
                                  f"accelerate.mixed_precision={precision}"], cls=FinetuneConfig)
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = True  # the probe's verdict, as in a new process
         finetune.train.build_accelerator(cfg, accum=1)
+        assert build_shm_op() is None
         ds = given["deepspeed_plugin"].deepspeed_config
         assert ds["timers"] == {"throughput": {"enabled": False}}
         assert ds["bf16"] == {"enabled": precision == "bf16", "check_grad_overflow": True}

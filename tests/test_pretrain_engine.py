@@ -302,6 +302,20 @@ def test_auto_micro_batch_run_records_the_resolved_size(process_group, demo_shar
     assert load_config(tmp_path / "run" / "config.yaml").data.micro_batch_size == 16
 
 
+def test_deepspeeds_cpu_inference_all_reduce_is_never_built(process_group, demo_shards: Path, tmp_path: Path) -> None:
+    """DeepSpeed's comm backend JIT-compiles ``deepspeed_shm_comm`` when it starts (about a minute on the first
+    run of an environment) for ``inference_all_reduce`` alone: once the run has built its engine, DeepSpeed's
+    own ``build_shm_op`` declines to build it. The probe's verdict is put back first, as in a fresh process."""
+    import deepspeed.ops
+    from deepspeed.comm.torch import build_shm_op
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    env, device = process_group
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = True
+    assert train(tiny_config(tmp_path / "run", demo_shards, "schedule.total_steps=1"), env, device) == 0
+    assert build_shm_op() is None
+
+
 def losses_of(run_dir: Path) -> list[float]:
     return [row["train/loss"] for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
             if "train/loss" in row]

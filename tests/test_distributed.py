@@ -132,6 +132,8 @@ with socket.socket() as s:
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 import deepspeed
 from deepspeed.utils import groups
+from pretrain.engine import without_inference_comm_build
+without_inference_comm_build()  # as before every DeepSpeed start here (a minute of JIT build in a new environment)
 deepspeed.init_distributed("gloo")
 groups._get_data_parallel_group()
 if sys.argv[1] == "destroyed":

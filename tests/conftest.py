@@ -39,24 +39,33 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / environment))
 
 
+LONGEST_FILES = ("test_slurm.py", "test_pretrain_multiproc.py", "test_order_e2e.py", "test_launch.py",
+                 "test_finetune_e2e.py", "test_pretrain_engine.py", "test_fewshot_e2e.py", "test_remote.py")
+"""The files that took longest on 2 cores (2026-12-07, ``--durations``, 3 workers): SLURM ~190 s (one fixture of six
+jobs), the multi-process pretraining file ~300 s, the order chain ~130 s in one test, the launcher file ~300 s
+(benchmark and decode-check runs), then 100-150 s each."""
 LONGEST_FIRST = ("slurm", "faults", "slow")
-"""Markers of the test files that take longest, longest first (the SLURM file ~120 s, each fault file 50-100 s)."""
+"""Markers that rank the other files: SLURM, fault-injection, then other slow (multi-process) tests."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Run the longest test files first, each file's tests still together and in their order.
 
-    Why: ``make test`` hands whole files to two pytest-xdist workers in collection order; in name
-    order a long file came last and kept one worker busy alone for minutes while the other idled.
-    Longest first, the short files fill both workers up to the end. A file ranks by the first
-    ``LONGEST_FIRST`` marker any of its tests carries.
+    Why: ``make test`` hands whole files to pytest-xdist workers in collection order; in name
+    order a long file came last and kept one worker busy alone for minutes while the others
+    idled (the order chain, a single 130 s test, once started last). Longest first, the short
+    files fill every worker up to the end. ``LONGEST_FILES`` lead in their order; the rest rank
+    by the first ``LONGEST_FIRST`` marker any of their tests carries.
     """
     def rank(item: pytest.Item) -> int:
-        return next((i for i, name in enumerate(LONGEST_FIRST) if item.get_closest_marker(name)), len(LONGEST_FIRST))
+        if item.path.name in LONGEST_FILES:
+            return LONGEST_FILES.index(item.path.name)
+        marker = next((i for i, name in enumerate(LONGEST_FIRST) if item.get_closest_marker(name)), len(LONGEST_FIRST))
+        return len(LONGEST_FILES) + marker
 
     by_file: dict[str, int] = {}
     for item in items:
-        by_file[item.path.name] = min(by_file.get(item.path.name, len(LONGEST_FIRST)), rank(item))
+        by_file[item.path.name] = min(by_file.get(item.path.name, len(LONGEST_FILES) + len(LONGEST_FIRST)), rank(item))
     items.sort(key=lambda item: by_file[item.path.name])
 
 

@@ -7,10 +7,10 @@ STAMP := $(VENV)/.vitscale-installed
 PYTEST_ARGS ?=
 # Test files run on this many pytest-xdist workers, each file whole on one (its module fixtures built once):
 # most tests wait on subprocesses that start single-threaded (importing torch and DeepSpeed takes ~6 s), so
-# 2 workers on 2 cores ran the suite in 744 s against 997 s on one; a third keeps both cores busy through
-# the waits (CPU idle 1 % of the run) and packs the last files better: CI's native pass 819 s on 2 workers,
-# 730 s on 3 (2026-12-07). 0 runs it in one process.
-PYTEST_WORKERS ?= 3
+# 2 workers on 2 cores ran the suite in 744 s against 997 s on one. A third gained nothing once both cores
+# were busy (CPU idle 1-3 %): CI's learning pass took 312 s on 3 workers against 220 s on 2, its 2-process
+# runs waiting in collectives for a core (2026-12-07). 0 runs it in one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: install test demo clean-demo gpu-check gpu-bench gpu-wheels
 

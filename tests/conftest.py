@@ -41,9 +41,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 LONGEST_FILES = ("test_slurm.py", "test_pretrain_multiproc.py", "test_order_e2e.py", "test_launch.py",
                  "test_finetune_e2e.py", "test_pretrain_engine.py", "test_fewshot_e2e.py", "test_remote.py")
-"""The files that took longest on 2 cores (2026-12-07, ``--durations``, 3 workers): SLURM ~190 s (one fixture of six
-jobs), the multi-process pretraining file ~300 s, the order chain ~130 s in one test, the launcher file ~300 s
-(benchmark and decode-check runs), then 100-150 s each."""
+"""The files that took longest on 2 cores (CI runs of 2026-12-07, ``--durations``), longest first: the SLURM
+fixture of six jobs, the multi-process pretraining file, the order chain (one test), the launcher file (benchmark
+and decode-check runs), then the end-to-end files; 100-300 s each under the suite's load."""
 LONGEST_FIRST = ("slurm", "faults", "slow")
 """Markers that rank the other files: SLURM, fault-injection, then other slow (multi-process) tests."""
 

@@ -169,14 +169,19 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False,
 def without_inference_comm_build() -> None:
     """Keep DeepSpeed's comm backend from building its CPU inference all-reduce (module docstring).
 
-    DeepSpeed decides from its probe of compatible ops, which it computes once per process and keeps
-    (``deepspeed.ops.__compatible_ops__``); marked incompatible there, ``build_shm_op`` returns None and
-    inference all-reduces fall back to ``torch.distributed``. Call before DeepSpeed's backend starts.
+    DeepSpeed's ``build_shm_op`` asks its accelerator for the builder (the CPU accelerator has one, the
+    CUDA one none) and then its probe of compatible ops, which it computes once per process and keeps
+    (``deepspeed.ops.__compatible_ops__``); marked incompatible there, it returns None and inference
+    all-reduces fall back to ``torch.distributed``. Only where the accelerator has the builder is the
+    probe touched, as DeepSpeed touches it: on a GPU (no builder) it is not run for this. Call before
+    DeepSpeed's backend starts.
     """
     import deepspeed.ops
-    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    from deepspeed.accelerator import get_accelerator
 
-    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def build_engine(model: nn.Module, cfg: Config, ds_config: dict[str, Any]) -> Any:

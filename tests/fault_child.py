@@ -169,7 +169,9 @@ def child(request: dict) -> None:
         os.environ.update(request["env"])
         for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["out"], os.O_WRONLY | os.O_CREAT),
                                 (2, request["err"], os.O_WRONLY | os.O_CREAT)):
-            os.dup2(os.open(path, flags), fd)
+            opened = os.open(path, flags)
+            os.dup2(opened, fd)
+            os.close(opened)
         sys.argv = [__file__, *request["args"]]
         main()
         status = 0

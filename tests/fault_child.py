@@ -22,20 +22,12 @@ grows past BYTES fails to write in the kernel with ``EFBIG``, as a write does on
 disk or quota. Test-side wrapping of the standard library, so the product carries no
 fault hook. Run the converter with ``--workers 1``: every operation then happens in this process.
 
-``run_child`` starts each run as a fork of a server process (``python tests/fault_child.py --serve``,
-one per test process, started on first use) that has imported torch, torchvision, DeepSpeed,
-Accelerate and the three commands once: the child is a new process with its own pid, process
-group, affinity, environment, working folder and output files, and runs the command's ``main``
-as ``python -m`` would, but skips the ~7 CPU-seconds of imports a fresh interpreter spends
-before it (a fault suite starts about 40 trainers). The server starts no Python thread (checked);
-the native pool numpy's OpenBLAS starts at import handles fork itself (``pthread_atfork``), as it
-must for every DataLoader worker forked after it. What the server imported read its environment
-at import, which is the test's.
+``run_child`` starts each run as a fork of the test process' server (``fork_server.py``), which has
+imported torch, DeepSpeed and the commands once (a fault suite starts about 40 trainers).
 """
 
 from __future__ import annotations
 
-import atexit
 import importlib
 import io
 import json
@@ -43,26 +35,17 @@ import os
 import random
 import resource
 import runpy
-import select
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
-import time
-import traceback
 from pathlib import Path
 from typing import Callable, Iterable, Optional
+
+from fork_server import ForkServer, own_env
 
 OPERATIONS = ("fsync", "replace", "rename", "link", "unlink", "rmdir", "mkdir")
 KILLS = 5
 SEED = 20
-
-
-REPO = Path(__file__).resolve().parents[1]
-SERVED = ("data_tools.__main__", "pretrain.__main__", "finetune.__main__", "pretrain.train", "finetune.train",
-          "deepspeed", "accelerate")
-"""What the fork server imports before it forks (the commands' lazy imports included)."""
 
 
 def child_command(moment_k: int, log: Path | str, module: str, *args: str, limit: Optional[int] = None,
@@ -80,113 +63,8 @@ def run_child(moment_k: int, log: Path, module: str, *args: str, limit: Optional
               timeout: float = 600, cpus: Optional[set[int]] = None) -> subprocess.CompletedProcess:
     """``python -m module args`` in a forked child of the server (a process group of its own, on ``cpus`` if
     given) with the fault at operation ``moment_k`` (0: none)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "SLURM_", "LOCAL_RANK"))}
-    return ForkServer.shared().run(child_args(moment_k, log, module, *args, limit=limit, within=within), env,
+    return ForkServer.shared().run(child_args(moment_k, log, module, *args, limit=limit, within=within), own_env(),
                                    timeout, cpus)
-
-
-class ForkServer:
-    """The test side of ``--serve``: one request (a JSON line on its stdin) at a time, answered on a pipe of its
-    own (what it imports prints to stdout) by the child's pid, then its exit status (negative: the signal that
-    ended it, as ``subprocess`` reports it)."""
-
-    _shared: Optional["ForkServer"] = None
-
-    def __init__(self) -> None:
-        self.answers, write_end = os.pipe()
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", str(write_end)], cwd=REPO,
-                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, pass_fds=(write_end,))
-        os.close(write_end)
-        self.pending = b""
-
-    @classmethod
-    def shared(cls) -> "ForkServer":
-        if cls._shared is None or cls._shared.proc.poll() is not None:
-            cls._shared = cls()
-        return cls._shared
-
-    def _answer(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.pending:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.answers], [], [], left)[0]:
-                raise TimeoutError
-            chunk = os.read(self.answers, 4096)
-            if not chunk:
-                raise RuntimeError(f"the fork server ended (exit {self.proc.wait()}); its errors are above")
-            self.pending += chunk
-        line, self.pending = self.pending.split(b"\n", 1)
-        return int(line)
-
-    def run(self, args: list[str], env: dict[str, str], timeout: float,
-            cpus: Optional[set[int]]) -> subprocess.CompletedProcess:
-        with tempfile.TemporaryDirectory() as tmp:
-            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-            request = dict(args=args, env=env, cwd=str(REPO), out=str(out), err=str(err),
-                           cpus=sorted(cpus) if cpus else None)
-            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
-            self.proc.stdin.flush()
-            pid = self._answer(120)
-            try:
-                status = self._answer(timeout)
-            except TimeoutError:
-                os.killpg(pid, signal.SIGKILL)
-                self._answer(120)
-                raise subprocess.TimeoutExpired([__file__, *args], timeout) from None
-            return subprocess.CompletedProcess([__file__, *args], status, out.read_text(), err.read_text())
-
-
-def serve(answers: int) -> None:
-    """Import ``SERVED``, then fork a child per request on stdin, answering on descriptor ``answers``."""
-    for name in SERVED:
-        importlib.import_module(name)
-    assert threading.active_count() == 1, "a Python thread would not survive the fork"
-    for line in sys.stdin:
-        request = json.loads(line)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            os.close(answers)
-            child(request)
-        os.write(answers, f"{pid}\n".encode())
-        os.write(answers, f"{os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])}\n".encode())
-
-
-def child(request: dict) -> None:
-    """In the forked child: become the process ``run_child`` asked for, run ``main``, exit as Python would."""
-    status = 1
-    try:
-        os.setsid()
-        if request["cpus"]:
-            os.sched_setaffinity(0, request["cpus"])
-            if "OMP_NUM_THREADS" not in request["env"]:  # a fresh interpreter's OpenMP sizes itself to its CPUs
-                import torch
-
-                torch.set_num_threads(len(request["cpus"]))
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["out"], os.O_WRONLY | os.O_CREAT),
-                                (2, request["err"], os.O_WRONLY | os.O_CREAT)):
-            opened = os.open(path, flags)
-            os.dup2(opened, fd)
-            os.close(opened)
-        sys.argv = [__file__, *request["args"]]
-        main()
-        status = 0
-    except SystemExit as exit_:
-        if exit_.code is None or isinstance(exit_.code, int):
-            status = exit_.code or 0
-        else:
-            print(exit_.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        atexit._run_exitfuncs()  # what the interpreter runs at exit (a command that ends by os._exit skips them too)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
 
 
 def operations(log: Path) -> list[str]:
@@ -297,7 +175,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--serve":
-        serve(int(sys.argv[2]))
-    else:
-        main()
+    main()

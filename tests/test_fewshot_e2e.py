@@ -11,36 +11,37 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from fork_server import run_module, run_ranks
 from learning import SEED, THREADS, report, worker_env
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def fewshot_command(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pretrain.fewshot", *map(str, args)], cwd=REPO, env=worker_env(),
-                          capture_output=True, text=True, timeout=300)
+    return run_module("pretrain.fewshot", *map(str, args), env=worker_env(), timeout=300)
+
+
+def pretrain_two_ranks(*overrides: str, timeout: float) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m pretrain`` on the demo recipe, forked as torchrun starts its workers."""
+    return run_ranks(2, "-m", "pretrain", "--config", "configs/pretrain/demo.yaml", *overrides, env=worker_env(),
+                     timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def monitored_run(demo_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("monitored") / "run"
-    result = subprocess.run(
-        TORCHRUN + ["-m", "pretrain", "--config", "configs/pretrain/demo.yaml", f"run.dir={run_dir}",
-                    f"data.train_shards={demo_shards}", "data.eval_shards=", "data.num_workers=0",
-                    "schedule.total_steps=30", "schedule.warmup_steps=5", "checkpoint.every_steps=0",
-                    "deepspeed.zero_stage=3", f"eval.fewshot.datasets={{digits: {demo_shards}}}",
-                    "eval.fewshot.shots=[1,5]", "eval.fewshot.every_steps=20", "eval.fewshot.l2_grid=[64,1024]",
-                    f"eval.knn.datasets={{digits: {demo_shards}}}", "eval.knn.every_steps=20",
-                    "eval.knn.bank_per_class=20", "eval.fewshot.batch_size=50"],
-        cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=300)
+    result = pretrain_two_ranks(
+        f"run.dir={run_dir}", f"data.train_shards={demo_shards}", "data.eval_shards=", "data.num_workers=0",
+        "schedule.total_steps=30", "schedule.warmup_steps=5", "checkpoint.every_steps=0", "deepspeed.zero_stage=3",
+        f"eval.fewshot.datasets={{digits: {demo_shards}}}", "eval.fewshot.shots=[1,5]", "eval.fewshot.every_steps=20",
+        "eval.fewshot.l2_grid=[64,1024]", f"eval.knn.datasets={{digits: {demo_shards}}}", "eval.knn.every_steps=20",
+        "eval.knn.bank_per_class=20", "eval.fewshot.batch_size=50", timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir
 
@@ -135,13 +136,11 @@ def test_demo_features_beat_a_random_init_on_mnist(demo_shards: Path, mnist_shar
     """
     run_dir = tmp_path / "run"
     monitors = f"{{mnist: {mnist_shards}}}"
-    result = subprocess.run(
-        TORCHRUN + ["-m", "pretrain", "--config", "configs/pretrain/demo.yaml", f"run.dir={run_dir}",
-                    f"run.seed={SEED}", f"data.train_shards={demo_shards}", "data.eval_shards=",
-                    "data.num_workers=0", f"schedule.total_steps={LEARNING_STEPS}", "schedule.warmup_steps=30",
-                    "checkpoint.every_steps=0", f"eval.fewshot.datasets={monitors}", "eval.fewshot.every_steps=100",
-                    f"eval.knn.datasets={monitors}", "eval.knn.every_steps=100"],
-        cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
+    result = pretrain_two_ranks(
+        f"run.dir={run_dir}", f"run.seed={SEED}", f"data.train_shards={demo_shards}", "data.eval_shards=",
+        "data.num_workers=0", f"schedule.total_steps={LEARNING_STEPS}", "schedule.warmup_steps=30",
+        "checkpoint.every_steps=0", f"eval.fewshot.datasets={monitors}", "eval.fewshot.every_steps=100",
+        f"eval.knn.datasets={monitors}", "eval.knn.every_steps=100", timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "fewshot.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [100, 200, 300]

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fork_server import run_ranks
 from learning import SEED, report, worker_env
 
 from finetune import evaluate, predict
@@ -41,16 +42,17 @@ KILL_AFTER_STEP = CHECKPOINT_EVERY + 4
 """SIGKILL once this step is logged: after the first checkpoint, with later steps to be redone."""
 
 
-def torchrun(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", module, *args]
+def finetune_args(repo: Path, shards: Path, run_dir: Path, init: Path) -> list[str]:
+    """What follows ``-m finetune``."""
+    return ["--config", str(repo / "configs/finetune/demo.yaml"), f"init={init}", f"data.train_shards={shards}",
+            f"data.eval_shards={shards}", f"run.dir={run_dir}", *SIZES, f"run.seed={SEED}",
+            f"schedule.total_steps={FINETUNE_STEPS}", "schedule.warmup_steps=10", "optim.lr=0.03",
+            f"checkpoint.every_steps={CHECKPOINT_EVERY}", "logging.every_steps=1"]
 
 
-def finetune_cmd(repo: Path, shards: Path, run_dir: Path, init: Path) -> list[str]:
-    return torchrun("finetune", "--config", str(repo / "configs/finetune/demo.yaml"), f"init={init}",
-                    f"data.train_shards={shards}", f"data.eval_shards={shards}", f"run.dir={run_dir}",
-                    *SIZES, f"run.seed={SEED}", f"schedule.total_steps={FINETUNE_STEPS}", "schedule.warmup_steps=10",
-                    "optim.lr=0.03", f"checkpoint.every_steps={CHECKPOINT_EVERY}", "logging.every_steps=1")
+def two_ranks(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m module args``, forked as torchrun starts its workers (``fork_server``)."""
+    return run_ranks(2, "-m", module, *args, env=worker_env(), timeout=400, cwd=cwd)
 
 
 def check(result: subprocess.CompletedProcess) -> str:
@@ -81,21 +83,23 @@ def metrics(run_dir: Path) -> list[dict]:
 def pretrained(tmp_path_factory, demo_shards, repo_root):
     """A short demo pretraining (ZeRO-2, 2 processes), its run directory and its export."""
     root = tmp_path_factory.mktemp("pretrain")
-    cmd = torchrun("pretrain", "--config", str(repo_root / "configs/pretrain/demo.yaml"),
-                   f"data.train_shards={demo_shards}", f"data.eval_shards={demo_shards}", f"run.dir={root / 'run'}",
-                   *SIZES, f"run.seed={SEED}", "model.pre_logits=48", f"optim.lr={PRETRAIN_LR}",
-                   "optim.label_smoothing=0",
-                   "data.rrc_scale=[0.8,1.0]", f"schedule.total_steps={PRETRAIN_STEPS}", "schedule.warmup_steps=10",
-                   f"checkpoint.every_steps={PRETRAIN_STEPS}", "eval.every_steps=0", "logging.every_steps=50")
-    check(subprocess.run(cmd, cwd=root, env=worker_env(), capture_output=True, text=True, timeout=400))
+    check(two_ranks("pretrain", "--config", str(repo_root / "configs/pretrain/demo.yaml"),
+                    f"data.train_shards={demo_shards}", f"data.eval_shards={demo_shards}", f"run.dir={root / 'run'}",
+                    *SIZES, f"run.seed={SEED}", "model.pre_logits=48", f"optim.lr={PRETRAIN_LR}",
+                    "optim.label_smoothing=0", "data.rrc_scale=[0.8,1.0]", f"schedule.total_steps={PRETRAIN_STEPS}",
+                    "schedule.warmup_steps=10", f"checkpoint.every_steps={PRETRAIN_STEPS}", "eval.every_steps=0",
+                    "logging.every_steps=50", cwd=root))
     return root / "run", export(root / "run", root / "export")
 
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory, demo_shards, repo_root, pretrained):
-    """Finetune at 48 px from the pretraining run directory, SIGKILL it mid-run, rerun to the end."""
+    """Finetune at 48 px from the pretraining run directory, SIGKILL it mid-run (under the real torchrun: its
+    workers and itself, like a lost node), rerun to the end."""
     run_dir = tmp_path_factory.mktemp("finetune") / "run"
-    cmd = finetune_cmd(repo_root, demo_shards, run_dir, init=pretrained[0])
+    args = finetune_args(repo_root, demo_shards, run_dir, init=pretrained[0])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "finetune",
+           *args]
     first_log = run_dir.parent / "first.log"
     with open(first_log, "w") as log:
         first = subprocess.Popen(cmd, cwd=run_dir.parent, env=worker_env(), stdout=log, stderr=subprocess.STDOUT)
@@ -112,8 +116,7 @@ def finetuned(tmp_path_factory, demo_shards, repo_root, pretrained):
     assert first.returncode == -signal.SIGKILL, f"the first run ended before the kill:\n{first_log.read_text()[-3000:]}"
     before_kill = metrics(run_dir)
     latest_at_kill = (run_dir / "checkpoints" / "latest").read_text().strip()
-    second = subprocess.run(cmd, cwd=run_dir.parent, env=worker_env(), capture_output=True, text=True,
-                            timeout=400, stdin=subprocess.DEVNULL)
+    second = two_ranks("finetune", *args, cwd=run_dir.parent)
     return dict(run_dir=run_dir, before_kill=before_kill, latest_at_kill=latest_at_kill,
                 log=check(second), after=metrics(run_dir)[len(before_kill):])
 
@@ -163,8 +166,8 @@ def test_finetuned_accuracy_beats_a_random_init_with_the_same_budget(finetuned, 
     """
     pretrained_top1 = final_top1(finetuned["log"])
     random_init = export_random_init(pretrained[1], tmp_path / "random")
-    log = check(subprocess.run(finetune_cmd(repo_root, demo_shards, tmp_path / "random_run", init=random_init),
-                               cwd=tmp_path, env=worker_env(), capture_output=True, text=True, timeout=400))
+    log = check(two_ranks("finetune", *finetune_args(repo_root, demo_shards, tmp_path / "random_run", random_init),
+                          cwd=tmp_path))
     random_top1 = final_top1(log)
     report("finetune_beats_random", pretrained_top1=pretrained_top1, random_top1=random_top1,
            gap=pretrained_top1 - random_top1)

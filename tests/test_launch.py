@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fork_server import run_python, run_ranks
 
 from pretrain.config import config_to_dict, load_config
 
@@ -270,11 +271,10 @@ def test_train_step_benchmark_feeds_the_engine_from_shards_on_each_decode_path(d
     """``benchmarks/train_step.py --shards``: the engine trained from the train stream next to synthetic
     input, with the ratio gpu-check reports as "data path on/off"; on CPU both decode paths run."""
     for decode in ("cpu", "gpu"):
-        proc = subprocess.run([sys.executable, "benchmarks/train_step.py", "--variant", "Ti/16", "--img-size", "32",
-                               "--batch", "8", "--steps", "2", "--warmup", "1", "--repeats", "1", "--workers", "1",
-                               "--only", "ours_engine,ours_engine_data", "--shards", str(demo_shards),
-                               "--decode", decode],
-                              cwd=REPO, capture_output=True, text=True, timeout=300, env=_env())
+        proc = run_python("benchmarks/train_step.py", "--variant", "Ti/16", "--img-size", "32", "--batch", "8",
+                          "--steps", "2", "--warmup", "1", "--repeats", "1", "--workers", "1", "--only",
+                          "ours_engine,ours_engine_data", "--shards", str(demo_shards), "--decode", decode,
+                          env=_env(), timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         assert result["decode"] == decode and result["ours_engine_data_images_per_s"] > 0
@@ -290,12 +290,11 @@ def test_train_step_benchmark_feeds_the_engine_from_shards_on_each_decode_path(d
 @pytest.mark.slow
 def test_train_step_benchmark_runs_the_engine_across_processes_for_weak_scaling() -> None:
     """gpu-check's weak-scaling figure launches ``benchmarks/train_step.py`` under ``torch.distributed.run`` on
-    every visible GPU; the same launch on 2 CPU processes (gloo) must train the engine across both and report
+    every visible GPU; the same launch on 2 CPU processes (gloo; the ranks forked as torchrun starts them) must train the engine across both and report
     its per-process images/s and ATen calls per step (rank 0 prints the one JSON line)."""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "benchmarks/train_step.py", "--variant", "Ti/16", "--img-size", "32", "--batch", "4",
-                           "--steps", "2", "--warmup", "1", "--repeats", "1", "--only", "ours_engine"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env=_env(OMP_NUM_THREADS="1"))
+    proc = run_ranks(2, "benchmarks/train_step.py", "--variant", "Ti/16", "--img-size", "32", "--batch", "4",
+                     "--steps", "2", "--warmup", "1", "--repeats", "1", "--only", "ours_engine",
+                     env=_env(OMP_NUM_THREADS="1"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1, proc.stdout[-2000:]

@@ -7,14 +7,13 @@ Full scale is 14.2 M samples in 1,400 shards of uneven length, global batch 4096
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fork_server import run_module, run_python
 
 from pretrain.data.order import Order, default_streams, feistel_permute, valid_world_sizes
 
@@ -127,8 +126,7 @@ def test_order_cli_prints_each_steps_keys(st_make_shards) -> None:
     shards = st_make_shards([7, 1, 12, 10])
     config = ["--config", "configs/pretrain/demo.yaml", f"data.train_shards={shards}", "data.eval_shards=",
               "data.global_batch_size=8", "data.micro_batch_size=4", "run.seed=4"]
-    result = subprocess.run([sys.executable, "-m", "pretrain.data.order", *config, "--steps", "2:6"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = run_module("pretrain.data.order", *config, "--steps", "2:6", timeout=120)
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     order = Order(np.array([7, 1, 12, 10]), 8, 8, seed=4)
@@ -136,18 +134,17 @@ def test_order_cli_prints_each_steps_keys(st_make_shards) -> None:
     for row in rows:
         epoch, step = order.where(row["step"] - 1)
         assert row["keys"] == sorted(f"s{i:06d}" for i in order.samples(epoch, step))
-    bad = subprocess.run([sys.executable, "-m", "pretrain.data.order", *config, "--steps", "5:2"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    bad = run_module("pretrain.data.order", *config, "--steps", "5:2", timeout=120)
     assert bad.returncode == 2 and "expected A:B" in bad.stderr
 
 
 def test_a_world_size_that_cannot_reproduce_the_order_exits_2_before_launch(demo_shards: Path) -> None:
     """``launch/describe.py --check`` (run by the launch scripts before srun) names the valid world sizes."""
-    base = [sys.executable, "launch/describe.py", "pretrain", "--check", "--config", "configs/pretrain/demo.yaml",
+    base = ["launch/describe.py", "pretrain", "--check", "--config", "configs/pretrain/demo.yaml",
             f"data.train_shards={demo_shards}", "data.eval_shards=", "data.streams=16", "data.micro_batch_size=2"]
-    bad = subprocess.run(base + ["--world-size", "32"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    bad = run_python(*base, "--world-size", "32", timeout=120)
     assert bad.returncode == 2
     assert "world size 32 cannot reproduce the train order of 16 canonical streams" in bad.stderr
     assert "valid world sizes are 1, 2, 4, 8, 16" in bad.stderr
-    good = subprocess.run(base + ["--world-size", "16"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    good = run_python(*base, "--world-size", "16", timeout=120)
     assert good.returncode == 0, good.stderr

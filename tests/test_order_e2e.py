@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from fork_server import run_module, run_ranks
 from pretrain.data.keylog import read_step_keys
 
 pytestmark = pytest.mark.slow
@@ -31,16 +32,14 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _cmd(nproc: int, run_dir: Path, shards: Path, *extra: str) -> list[str]:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-                if nproc > 1 else [sys.executable])
-    return launcher + ["-m", "pretrain", *TINY, f"run.dir={run_dir}", f"data.train_shards={shards}",
-                       "data.log_keys=true", f"schedule.total_steps={STEPS}", *extra]
+def _args(run_dir: Path, shards: Path, *extra: str) -> list[str]:
+    """What follows ``-m pretrain``."""
+    return [*TINY, f"run.dir={run_dir}", f"data.train_shards={shards}", "data.log_keys=true",
+            f"schedule.total_steps={STEPS}", *extra]
 
 
 def _train(nproc: int, run_dir: Path, shards: Path, *extra: str) -> None:
-    result = subprocess.run(_cmd(nproc, run_dir, shards, *extra), cwd=REPO, env=_env(), capture_output=True,
-                            text=True, timeout=400)
+    result = run_ranks(nproc, "-m", "pretrain", *_args(run_dir, shards, *extra), env=_env(), timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -49,8 +48,9 @@ def _kill_after(run_dir: Path, shards: Path, step: int) -> None:
     ``step`` is complete. Waiting for the checkpoint, not for a logged step, keeps the kill before the next
     checkpoint however fast steps run (polled every 20 ms; a step and a save take longer here)."""
     latest = run_dir / "checkpoints" / "latest"
-    proc = subprocess.Popen(_cmd(2, run_dir, shards), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.Popen([*torchrun, "-m", "pretrain", *_args(run_dir, shards)], cwd=REPO, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
         while not (latest.is_file() and latest.read_text() == f"step_{step:08d}"):
@@ -67,8 +67,8 @@ def _kill_after(run_dir: Path, shards: Path, step: int) -> None:
 
 
 def test_step_keys_are_one_function_of_the_step(demo_shards: Path, tmp_path: Path) -> None:
-    order = subprocess.run([sys.executable, "-m", "pretrain.data.order", *TINY, f"data.train_shards={demo_shards}",
-                            "--steps", f"1:{STEPS + 1}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    order = run_module("pretrain.data.order", *TINY, f"data.train_shards={demo_shards}", "--steps", f"1:{STEPS + 1}",
+                       timeout=120)
     assert order.returncode == 0, order.stderr
     expected = {row["step"]: row["keys"] for row in map(json.loads, order.stdout.splitlines())}
     assert sorted(expected) == list(range(1, STEPS + 1)) and all(len(k) == 16 for k in expected.values())

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fork_server import run_module
 
 from finetune.config import FinetuneConfig
 from pretrain.config import Config, ConfigError, load_config
@@ -176,9 +177,12 @@ def test_commands_exit_2_with_one_line_before_any_process_group(
     defaults = [f"data.train_shards={demo_shards}", f"data.eval_shards={demo_shards}", f"run.dir={run_dir}",
                 *([f"init={demo_shards}"] if FINETUNE_CFG in command else [])]
     args = [str(REPO / c) if isinstance(c, str) and c.startswith("launch/") else str(c) for c in command]
-    runner = [sys.executable] if args[0] == "-m" else ["bash"]
-    result = subprocess.run([*runner, *args, *defaults, *(o.format(odd=odd_shards) for o in overrides)],
-                            cwd=tmp_path, env=_env(**env), capture_output=True, text=True, timeout=120)
+    args += [*defaults, *(o.format(odd=odd_shards) for o in overrides)]
+    if args[0] == "-m":  # python -m, forked from a process that imported torch once (tests/fork_server.py)
+        result = run_module(*args[1:], env=_env(**env), cwd=tmp_path, timeout=120)
+    else:
+        result = subprocess.run(["bash", *args], cwd=tmp_path, env=_env(**env), capture_output=True, text=True,
+                                timeout=120)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     stderr = result.stderr.splitlines()
     assert len(stderr) == 1 and stderr[0].startswith("config error: " + line.format(odd=odd_shards)), result.stderr

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from fork_server import run_module
 
 from pretrain.checkpoint import CheckpointDir, check_shapes, rng_state, save_collective, set_rng_state, step_tag
 from pretrain.config import Config, ConfigError, OptimConfig, ScheduleConfig, load_config
@@ -334,9 +335,8 @@ def test_metrics_writer_tensorboard_and_jsonl(tmp_path: Path) -> None:
 ])
 def test_config_errors_exit_2_before_any_process_group(override: str, message: str) -> None:
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
-    result = subprocess.run([sys.executable, "-m", "pretrain", "--config", "configs/pretrain/demo.yaml",
-                             "data.train_shards=.", "data.eval_shards=", override], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = run_module("pretrain", "--config", "configs/pretrain/demo.yaml", "data.train_shards=.", "data.eval_shards=",
+                        override, env=env, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr
 

@@ -1,4 +1,8 @@
-"""Two-process (gloo, CPU) pretraining runs of the demo recipe through ``torchrun ... -m pretrain``.
+"""Two-process (gloo, CPU) pretraining runs of the demo recipe.
+
+The runs start as ``torchrun`` starts its workers (``fork_server.run_ranks``: the same ``env://``
+variables, forked from a process that imported torch and DeepSpeed once); the interrupt tests,
+whose subject is what torchrun forwards and ends, start the real one.
 
 The issue's "Must show" 1-5: ZeRO-1/2/3 train (and bf16 runs), ZeRO partitions the
 optimizer state, kill -9 / SIGUSR1 resume gives the uninterrupted run's losses
@@ -23,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from fault_child import finished, moments, operations, run_child
+from fork_server import run_module, run_ranks
 from learning import SEED, report, worker_env
 
 pytestmark = pytest.mark.slow
@@ -43,15 +48,15 @@ def pretrain_args(run_dir: Path, shards: Path, *extra: str) -> list[str]:
             *COMMON, *extra]
 
 
-def pretrain_cmd(nproc: int, run_dir: Path, shards: Path, *extra: str) -> list[str]:
-    launcher = TORCHRUN + [str(nproc)] if nproc > 1 else [sys.executable]
-    return launcher + ["-m", "pretrain", *pretrain_args(run_dir, shards, *extra)]
+def pretrain_cmd(run_dir: Path, shards: Path, *extra: str) -> list[str]:
+    """A 2-process run under the real torchrun."""
+    return TORCHRUN + ["2", "-m", "pretrain", *pretrain_args(run_dir, shards, *extra)]
 
 
 def run_pretrain(nproc: int, run_dir: Path, shards: Path, *extra: str, timeout: int = 240
                  ) -> subprocess.CompletedProcess:
-    return subprocess.run(pretrain_cmd(nproc, run_dir, shards, *extra), cwd=REPO, env=worker_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return run_ranks(nproc, "-m", "pretrain", *pretrain_args(run_dir, shards, *extra), env=worker_env(),
+                     timeout=timeout)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -109,7 +114,7 @@ def interrupt(run_dir: Path, shards: Path, stop_after: int, sig: int, victims: s
     """
     log_file = run_dir.parent / f"{run_dir.name}-{stop_after}.log"
     with open(log_file, "w") as out:
-        proc = subprocess.Popen(pretrain_cmd(2, run_dir, shards, "logging.every_steps=1", *extra), cwd=REPO,
+        proc = subprocess.Popen(pretrain_cmd(run_dir, shards, "logging.every_steps=1", *extra), cwd=REPO,
                                 env=worker_env(), stdout=out,
                                 stderr=subprocess.STDOUT)
         try:
@@ -318,8 +323,7 @@ def test_export_loads_without_deepspeed_into_timm(reference: tuple[Path, str], t
     timm's ``VisionTransformer`` with the exported weights gives the same logits."""
     timm_vit = pytest.importorskip("timm.models.vision_transformer")
     out = tmp_path / "export"
-    subprocess.run([sys.executable, "-m", "pretrain.export", str(reference[0]), str(out)], cwd=REPO, check=True,
-                   env=worker_env(), capture_output=True)
+    check_ok(run_module("pretrain.export", str(reference[0]), str(out), env=worker_env()))
     torch.manual_seed(0)
     x = torch.randn(4, 3, 32, 32)
     torch.save(x, tmp_path / "x.pt")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fork_server import run_module
 
 from pretrain.config import ConfigError, DataConfig, load_config
 from pretrain.data.keylog import read_step_keys
@@ -106,26 +107,26 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _cmd(nproc: int, run_dir: Path, shards: str, cache: Path, *extra: str) -> list[str]:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-                if nproc > 1 else [sys.executable])
-    return launcher + ["-m", "pretrain", *TINY, f"run.dir={run_dir}", f"data.train_shards={shards}",
-                       f"data.cache_dir={cache}", "data.log_keys=true", f"schedule.total_steps={STEPS}", *extra]
+def _args(run_dir: Path, shards: str, cache: Path, *extra: str) -> list[str]:
+    """What follows ``-m pretrain``."""
+    return [*TINY, f"run.dir={run_dir}", f"data.train_shards={shards}", f"data.cache_dir={cache}", "data.log_keys=true",
+            f"schedule.total_steps={STEPS}", *extra]
 
 
 @pytest.mark.slow
 def test_pretrain_from_s3_killed_and_resumed_logs_the_keys_of_local_disk(
         s3_demo: str, demo_shards: Path, tmp_path: Path) -> None:
-    order = subprocess.run([sys.executable, "-m", "pretrain.data.order", *TINY, f"data.train_shards={demo_shards}",
-                            f"data.cache_dir={tmp_path / 'local-cache'}", "--steps", f"1:{STEPS + 1}"], cwd=REPO,
-                           capture_output=True, text=True, timeout=120)
+    order = run_module("pretrain.data.order", *TINY, f"data.train_shards={demo_shards}",
+                       f"data.cache_dir={tmp_path / 'local-cache'}", "--steps", f"1:{STEPS + 1}", timeout=120)
     assert order.returncode == 0, order.stderr
     expected = {row["step"]: row["keys"] for row in map(json.loads, order.stdout.splitlines())}
     assert sorted(expected) == list(range(1, STEPS + 1))
 
     run, cache = tmp_path / "run", tmp_path / "cache"
     latest = run / "checkpoints" / "latest"
-    proc = subprocess.Popen(_cmd(2, run, s3_demo, cache, "data.num_workers=1"), cwd=REPO, env=_env(),
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.Popen([*torchrun, "-m", "pretrain", *_args(run, s3_demo, cache, "data.num_workers=1")],
+                            cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
@@ -138,8 +139,7 @@ def test_pretrain_from_s3_killed_and_resumed_logs_the_keys_of_local_disk(
         if proc.poll() is None:
             proc.kill()
     assert latest.read_text() in ("step_00000002", "step_00000004")
-    result = subprocess.run(_cmd(1, run, s3_demo, cache, "data.num_workers=2"), cwd=REPO, env=_env(),
-                            capture_output=True, text=True, timeout=400)
+    result = run_module("pretrain", *_args(run, s3_demo, cache, "data.num_workers=2"), env=_env(), timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert read_step_keys(run) == expected
     assert list((cache / "shards").glob("*-train-*.tar")), "the shards were read from the node's cache"
@@ -329,9 +329,8 @@ def test_unsupported_specs_fail_before_launch_with_one_line(s3, s3_demo: str, mo
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("gcsfs") is not None, reason="gcsfs is installed")
 def test_a_scheme_without_its_extra_exits_2_from_the_command(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "pretrain", "--config", "configs/pretrain/demo.yaml",
-                             "data.train_shards=gs://bucket/shards", "data.eval_shards=", f"run.dir={tmp_path / 'r'}"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = run_module("pretrain", "--config", "configs/pretrain/demo.yaml", "data.train_shards=gs://bucket/shards",
+                        "data.eval_shards=", f"run.dir={tmp_path / 'r'}", timeout=120)
     assert result.returncode == 2 and result.stderr.splitlines() == [
         "config error: data.train_shards='gs://bucket/shards' needs gcsfs for gs:// (not installed): "
         "pip install 'vitscale[gcs]'"], result.stderr

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -62,6 +63,13 @@ class Manifest:
     @property
     def remote(self) -> bool:
         return isinstance(self.directory, str)
+
+    @cached_property
+    def versions(self) -> dict[str, tuple[int, str]]:
+        """Remote shards: ``sample_table.remote_versions`` of the shards, listed once for every check."""
+        from pretrain.data.sample_table import remote_versions
+
+        return remote_versions([str(url) for url in self.shards])
 
     def describe(self) -> str:
         """``split 'train' of DIR/_info.json (data.train_shards)``, for messages."""
@@ -155,8 +163,7 @@ def check_shards_exist(cfg: Any, manifests: Manifests, world_size: int) -> None:
     """Every shard a manifest lists is on disk (a partial copy fails here, not in a loader worker)."""
     for manifest in filter(None, (manifests.train, manifests.eval)):
         if manifest.remote:
-            found = storage.versions([str(url) for url in manifest.shards], missing_ok=True)
-            missing = [url for url in manifest.shards if url not in found]
+            missing = [url for url in manifest.shards if url not in manifest.versions]
         else:
             missing = [path for path in manifest.shards if not path.is_file()]
         if missing:
@@ -199,7 +206,8 @@ def check_train_indexes(cfg: Any, manifests: Manifests, world_size: int) -> None
 
     train = manifests.train
     try:
-        sample_table([str(path) for path in train.shards], train.lengths, cfg.data.cache_dir)
+        sample_table([str(path) for path in train.shards], train.lengths, cfg.data.cache_dir,
+                     train.versions if train.remote else None)
     except (ValueError, OSError) as exn:  # StaleIndexError, or a shard that is no readable tar (data_tools.index)
         raise ConfigError(f"data.train_shards: {exn}") from None
 
@@ -227,7 +235,7 @@ def check_cache_holds_working_set(cfg: Any, manifests: Manifests, world_size: in
         return
     order = Order(train.lengths, data.global_batch_size, data.streams or default_streams(data.global_batch_size),
                   0, data.window_samples)  # the seed moves no bound
-    largest = max(size for size, _ in storage.versions([str(url) for url in train.shards]).values())
+    largest = max(train.versions[str(url)][0] for url in train.shards)
     ranks = ranks_per_node(world_size)
     shards = min(len(train.shards), ranks * max(1, data.num_workers) * order.rank_shard_bound(world_size))
     need = shards * largest

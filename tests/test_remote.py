@@ -327,6 +327,25 @@ def test_unsupported_specs_fail_before_launch_with_one_line(s3, s3_demo: str, mo
                                      "pip install 'vitscale[s3]'")
 
 
+def test_a_rank_lists_a_remote_prefix_once_in_preflight_and_once_for_its_stream(s3, s3_demo: str, tmp_path,
+                                                                                 monkeypatch) -> None:
+    """Every rank runs preflight, then builds its stream's sample table: one listing each (a listing of 14,000
+    shards is 14 paged requests; 512 ranks made six each, for the shards and their indexes apart, before)."""
+    from data_tools import storage
+    from pretrain.data.sample_table import sample_table
+
+    fs = storage.filesystem(s3_demo)
+    listed: list[str] = []
+    real_ls = fs.ls
+    monkeypatch.setattr(fs, "ls", lambda path, *a, **k: listed.append(path) or real_ls(path, *a, **k))
+    manifests = preflight(_cfg(s3_demo, f"data.cache_dir={tmp_path}", "data.window_samples=64", "data.streams=4"), 1)
+    assert len(listed) == 1, listed
+    train = manifests.train
+    table = sample_table([str(url) for url in train.shards], train.lengths, str(tmp_path))
+    assert len(listed) == 2, listed
+    assert table.versions == train.versions and len(table.versions) == 2 * len(train.shards)  # shards + indexes
+
+
 @pytest.mark.skipif(__import__("importlib").util.find_spec("gcsfs") is not None, reason="gcsfs is installed")
 def test_a_scheme_without_its_extra_exits_2_from_the_command(tmp_path: Path) -> None:
     result = run_module("pretrain", "--config", "configs/pretrain/demo.yaml", "data.train_shards=gs://bucket/shards",

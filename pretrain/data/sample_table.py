@@ -138,16 +138,32 @@ def _state_hash(urls: Sequence[str], versions: Optional[dict[str, tuple[int, str
     return digest.hexdigest()
 
 
-def sample_table(urls: Sequence[str], lengths: Sequence[int], cache_dir: str = "") -> SampleTable:
-    """The checked sample table of ``urls`` (``lengths`` from ``_info.json``), built on first use per node."""
+def remote_versions(urls: Sequence[str]) -> dict[str, tuple[int, str]]:
+    """(size, version) of each remote shard that exists and of each ``.idx`` uploaded beside one.
+
+    One listing per prefix for both (``storage.versions``): at 14,000 shards on S3 a listing
+    is 14 paged requests, and every rank makes this one before its first step.
+    """
+    return storage.versions([*urls, *(f"{url}{SUFFIX}" for url in urls)], missing_ok=True)
+
+
+def sample_table(urls: Sequence[str], lengths: Sequence[int], cache_dir: str = "",
+                 versions: Optional[dict[str, tuple[int, str]]] = None) -> SampleTable:
+    """The checked sample table of ``urls`` (``lengths`` from ``_info.json``), built on first use per node.
+
+    Remote shards: ``versions`` is their ``remote_versions`` where the caller has listed them already.
+    """
     cache = cache_root(cache_dir)
     counts = np.asarray(lengths, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     dataset = _path_hash("\n".join(_absolute(u) for u in urls))
-    versions = None
     if any(storage.is_remote(u) for u in urls):
-        versions = storage.versions(list(urls))
-        versions.update(storage.versions([f"{u}{SUFFIX}" for u in urls], missing_ok=True))
+        versions = remote_versions(urls) if versions is None else versions
+        missing = [url for url in urls if url not in versions]
+        if missing:
+            raise FileNotFoundError(f"{missing[0]} does not exist")
+    else:
+        versions = None
     path = cache / "tables" / f"{dataset}-{_state_hash(urls, versions)}.npy"
     table = SampleTable(path, starts, counts, versions)
     if path.is_file():

@@ -98,4 +98,4 @@ class FinetuneConfig:
             errors.append(f"accelerate.zero_stage={self.accelerate.zero_stage}: Accelerate's DeepSpeed plugin "
                           "needs the transformers package; install it or set accelerate.zero_stage=null (DDP)")
         if errors:
-            raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+            raise ConfigError.of(errors)

@@ -26,6 +26,14 @@ import yaml
 class ConfigError(ValueError):
     """A configuration file, override or combination of settings is invalid."""
 
+    @classmethod
+    def of(cls, errors: list[str]) -> "ConfigError":
+        """One error as its one line (the commands print ``config error: <line>``, exit 2); several as
+        ``invalid config (N problems):`` and an indented line each, so that one run names them all."""
+        if len(errors) == 1:
+            return cls(errors[0])
+        return cls(f"invalid config ({len(errors)} problems):\n  " + "\n  ".join(errors))
+
 
 @dataclass
 class RunConfig:
@@ -384,7 +392,7 @@ class Config:
         validate_common(self, world_size, check_paths)
         errors = self.eval.errors()
         if errors:
-            raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+            raise ConfigError.of(errors)
 
 
 C = typing.TypeVar("C")
@@ -467,7 +475,7 @@ def validate_common(cfg: Any, world_size: int, check_paths: bool) -> None:
                     "`python -m data_tools convert` (or `python -m data_tools demo` for the demo)"
                 )
     if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+        raise ConfigError.of(errors)
 
 
 # ------------------------------------------------------------------ loading

@@ -174,9 +174,9 @@ def test_monitor_settings_are_validated_with_the_config(demo_shards, override, e
     from pretrain.config import ConfigError
 
     cfg = _config(demo_shards, f"eval.fewshot.datasets={{digits: {demo_shards}}}", override)
-    with pytest.raises(ConfigError, match="invalid config") as info:
+    with pytest.raises(ConfigError) as info:
         cfg.validate(1)
-    assert expected in str(info.value), str(info.value)
+    assert expected in str(info.value) and "\n" not in str(info.value), str(info.value)
 
 
 # ------------------------------------------------------------- the monitor on real shards

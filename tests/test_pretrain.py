@@ -338,7 +338,17 @@ def test_config_errors_exit_2_before_any_process_group(override: str, message: s
     result = run_module("pretrain", "--config", "configs/pretrain/demo.yaml", "data.train_shards=.", "data.eval_shards=",
                         override, env=env, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr
+    assert result.stderr.splitlines() == [result.stderr.splitlines()[0]] and message in result.stderr, result.stderr
+
+
+def test_several_config_errors_are_named_together_one_line_each(demo_shards: Path) -> None:
+    cfg = load_config("configs/pretrain/demo.yaml", ["data.train_shards=/nonexistent/shards", "data.randaugment=[2]",
+                                                     f"data.eval_shards={demo_shards}"])
+    with pytest.raises(ConfigError) as info:
+        cfg.validate(1)
+    lines = str(info.value).splitlines()
+    assert lines[0] == "invalid config (2 problems):" and len(lines) == 3, lines
+    assert "/nonexistent/shards does not exist" in lines[2] and "data.randaugment must be" in lines[1], lines
 
 
 @pytest.mark.parametrize("every,ok", [(0, True), (-1, False)])

@@ -23,16 +23,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     with PreemptionFlag() as flag:
         args = parse_stage_args("python -m finetune", __doc__, "configs/finetune/demo.yaml", argv,
                                 overrides_help="init=PATH and section.key=value overrides (CLI > file > defaults)")
-        from pretrain.checkpoint import DamagedCheckpointError
-
+        from .check import check_config  # torch only: a config error exits before the rest is imported
         from .config import FinetuneConfig
-        from .load import PretrainedLoadError
-        from .train import check_config, train
 
         loaded = load_checked(args, FinetuneConfig, check_config)
         if loaded is None:
             return EXIT_CONFIG
         _, cfg = loaded
+        from pretrain.checkpoint import DamagedCheckpointError
+
+        from .load import PretrainedLoadError
+        from .train import train
+
         try:
             return train(cfg, flag)
         except PretrainedLoadError as exn:

@@ -50,7 +50,7 @@ from PIL import Image
 from data_tools.manifest import write_text_atomic
 from pretrain.checkpoint import (CheckpointDir, check_shapes, load_rng, newest_file, param_shapes, save_collective,
                                  save_rng, set_rng_state, write_error, writes_named)
-from pretrain.config import ConfigError, config_to_dict, dump_config
+from pretrain.config import config_to_dict, dump_config
 from pretrain.data.eval_stream import build_eval_stream
 from pretrain.data.train_stream import StreamPosition, TrainStream, build_train_stream
 from pretrain.data.transforms import BatchPreprocessor
@@ -61,8 +61,7 @@ from pretrain.flops import flops_per_image
 from pretrain.loss import LossFn, build_loss, target_kind
 from pretrain.metrics import MetricsWriter, Throughput, console_line, device_peak_tflops, finish_device_work, memory_gb
 from pretrain.lean_zero import make_lean
-from pretrain.optim import build_optimizer, build_scheduler, check_training, zero_momentum
-from pretrain.preflight import preflight
+from pretrain.optim import build_optimizer, build_scheduler, zero_momentum
 from pretrain.signals import EXIT_PREEMPTED, PreemptionFlag
 from pretrain.step_window import StepRecord, StepWindow
 from pretrain.train import EXIT_NONFINITE, stopped_during_start_up
@@ -106,16 +105,6 @@ class Parts:
 
 
 # ------------------------------------------------------------------- setup
-
-
-def check_config(cfg: FinetuneConfig, world_size: int) -> None:
-    """Every check that needs no process group and no weights (``ConfigError``, exit status 2)."""
-    cfg.validate(world_size)
-    check_training(cfg)
-    if cfg.data.micro_batch_size == "auto":
-        raise ConfigError("data.micro_batch_size: 'auto' is resolved by pretraining only; set an integer for "
-                          "finetuning (e.g. 32)")
-    preflight(cfg, world_size)
 
 
 def join_job() -> DistEnv:

@@ -26,8 +26,8 @@ from pretrain.config import ConfigError, dump_config, load_config
 from pretrain.signals import EXIT_CONFIG
 
 STAGES = {
-    "pretrain": ("pretrain.config:Config", "pretrain.train:check_config"),
-    "finetune": ("finetune.config:FinetuneConfig", "finetune.train:check_config"),
+    "pretrain": ("pretrain.config:Config", "pretrain.check:check_config"),
+    "finetune": ("finetune.config:FinetuneConfig", "finetune.check:check_config"),
 }
 """Stage -> (root config class, ``check_config(cfg, world_size)``; pretrain's returns the DeepSpeed dict)."""
 

@@ -22,15 +22,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     # The flag first: torch and DeepSpeed take seconds to import, and a signal then must not kill us.
     with PreemptionFlag() as flag:
         args = parse_stage_args("python -m pretrain", __doc__, "configs/pretrain/demo.yaml", argv)
-        from pretrain.checkpoint import DamagedCheckpointError
+        from pretrain.check import check_config  # torch only: a config error exits before the rest is imported
         from pretrain.config import Config
-        from pretrain.distributed import init_distributed, shutdown_distributed
-        from pretrain.train import check_config, resume_point, train
 
         loaded = load_checked(args, Config, check_config)
         if loaded is None:
             return EXIT_CONFIG
         env, cfg = loaded
+        from pretrain.checkpoint import DamagedCheckpointError
+        from pretrain.distributed import init_distributed, shutdown_distributed
+        from pretrain.train import resume_point, train
+
         try:
             resume_point(cfg, env)  # a world-size change converts the checkpoint before any collective can time out
         except DamagedCheckpointError as exn:

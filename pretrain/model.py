@@ -431,22 +431,6 @@ def reset_classifier(model: VisionTransformer, num_classes: int) -> None:
     model.config = dataclasses.replace(model.config, num_classes=num_classes, pre_logits=None, head_bias=0.0)
 
 
-def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two optimizer groups: decayed matrices, and the rest at weight decay 0.
-
-    No decay for ndim <= 1 parameters (norm scales, biases) and for the names in
-    ``model.no_weight_decay()`` (class token, position embedding), as in the
-    ViT / big_vision recipes. Frozen parameters are left out.
-    """
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid: Union[int, tuple[int, int]], num_prefix_tokens: int = 1,
                        old_grid: Optional[tuple[int, int]] = None, mode: str = "bicubic",
                        antialias: bool = True) -> torch.Tensor:

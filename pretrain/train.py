@@ -42,8 +42,6 @@ from pretrain.flops import flops_per_image
 from pretrain.loss import build_loss, target_kind
 from pretrain.metrics import MetricsWriter, Throughput, console_line, device_peak_tflops, finish_device_work, memory_gb
 from pretrain.model import build_vit
-from pretrain.optim import check_training
-from pretrain.preflight import preflight
 from pretrain.signals import EXIT_PREEMPTED, PreemptionFlag
 from pretrain.step_window import StepRecord, StepWindow, first_step_report
 
@@ -53,14 +51,6 @@ EXIT_NONFINITE = 3
 """Too many non-finite losses in a row (a real failure: not requeued)."""
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def check_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """Every check that can run without a process group; returns the DeepSpeed config dict."""
-    cfg.validate(world_size)
-    check_training(cfg)
-    preflight(cfg, world_size)
-    return deepspeed_config(micro_batch.placeholder(cfg, world_size), world_size)
 
 
 @dataclass

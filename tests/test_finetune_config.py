@@ -8,7 +8,7 @@ import pytest
 
 from finetune.__main__ import main
 from finetune.config import FinetuneConfig
-from finetune.train import check_config
+from finetune.check import check_config
 from pretrain.config import Config, ConfigError, load_config
 
 
@@ -39,7 +39,7 @@ def test_unknown_key_suggests_the_nearest(repo_root):
         load_config(repo_root / "configs/finetune/demo.yaml", ["accelerate.mixed_precison=bf16"], cls=FinetuneConfig)
 
 
-def test_finetune_checks(tmp_path):
+def test_finetune_checks(tmp_path, demo_shards):
     cfg = FinetuneConfig()
     cfg.data.train_shards = str(tmp_path)
     with pytest.raises(ConfigError, match="init is empty"):
@@ -50,8 +50,8 @@ def test_finetune_checks(tmp_path):
         cfg.validate()
     assert "missing.safetensors does not exist" in str(info.value)
     assert "model.pre_logits=768" in str(info.value)
-    cfg = load_config(None, [f"init={tmp_path}", f"data.train_shards={tmp_path}", "schedule.warmup_steps=0",
-                             "optim.lr=-1"], cls=FinetuneConfig)
+    cfg = load_config(None, [f"init={tmp_path}", f"data.train_shards={demo_shards}", "data.eval_shards=",
+                             "schedule.warmup_steps=0", "optim.lr=-1"], cls=FinetuneConfig)
     with pytest.raises(ConfigError, match="optim.lr must be positive"):
         check_config(cfg, world_size=1)
 

@@ -20,12 +20,12 @@ from pretrain.model import (
     ViTConfig,
     build_vit,
     build_vit_from_config,
-    param_groups_weight_decay,
     parse_variant,
     reset_classifier,
     resample_pos_embed,
     vit_config,
 )
+from pretrain.optim import param_groups_weight_decay
 
 TINY = dict(embed_dim=32, depth=2, num_heads=4, patch_size=8)
 

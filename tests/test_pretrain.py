@@ -333,10 +333,10 @@ def test_metrics_writer_tensorboard_and_jsonl(tmp_path: Path) -> None:
     ("data.train_shards=/nonexistent/shards", "/nonexistent/shards does not exist"),
     ("schedule.min_lr=1.0", "schedule.min_lr=1.0 must lie in"),
 ])
-def test_config_errors_exit_2_before_any_process_group(override: str, message: str) -> None:
+def test_config_errors_exit_2_before_any_process_group(override: str, message: str, demo_shards: Path) -> None:
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
-    result = run_module("pretrain", "--config", "configs/pretrain/demo.yaml", "data.train_shards=.", "data.eval_shards=",
-                        override, env=env, timeout=120)
+    result = run_module("pretrain", "--config", "configs/pretrain/demo.yaml", f"data.train_shards={demo_shards}",
+                        "data.eval_shards=", override, env=env, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.splitlines() == [result.stderr.splitlines()[0]] and message in result.stderr, result.stderr
 
@@ -355,8 +355,8 @@ def test_several_config_errors_are_named_together_one_line_each(demo_shards: Pat
 def test_checkpoint_every_steps_bound_is_the_same_in_both_stages(every: int, ok: bool, demo_shards: Path) -> None:
     """0 means "only at the end" in both loops; a negative value is rejected by both ``check_config``s."""
     from finetune.config import FinetuneConfig
-    from finetune.train import check_config as check_finetune
-    from pretrain.train import check_config as check_pretrain
+    from finetune.check import check_config as check_finetune
+    from pretrain.check import check_config as check_pretrain
 
     common = [f"data.train_shards={demo_shards}", "data.eval_shards=", f"checkpoint.every_steps={every}"]
     pretrain_cfg = load_config(REPO / "configs/pretrain/demo.yaml", common)
@@ -376,6 +376,22 @@ def test_entry_points_import_nothing_heavy_before_the_flag() -> None:
             "print(sorted({'torch', 'deepspeed', 'accelerate'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_a_config_error_exits_before_torchvision_deepspeed_or_accelerate_load(demo_shards: Path) -> None:
+    """Both stages check their config with torch alone (``pretrain.check``, ``finetune.check``): a data error is
+    reported before ``torch._dynamo`` too (the optimizer probe imports it), the whole loop after the check."""
+    code = ("import sys\n"
+            "from pretrain.__main__ import main as pretrain\nfrom finetune.__main__ import main as finetune\n"
+            f"assert pretrain(['--config', 'configs/pretrain/demo.yaml', 'data.train_shards={demo_shards}', "
+            "'data.train_split=nosuch']) == 2\n"
+            f"assert finetune(['--config', 'configs/finetune/demo.yaml', 'init={demo_shards}', 'data.train_shards={demo_shards}', "
+            "'data.global_batch_size=4096']) == 2\n"
+            "print(sorted({'torchvision', 'deepspeed', 'accelerate', 'torch._dynamo', 'pretrain.train', "
+            "'finetune.train'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
+    assert result.stderr.count("config error: ") == 2, result.stderr
 
 
 SIGNAL_AT_START_UP = """

@@ -211,7 +211,10 @@ def serve(answers: int) -> None:
             running.discard(pid)
             os.write(answers, f"ended {pid} {os.waitstatus_to_exitcode(status)}\n".encode())
     for pid in running:  # the test process is gone: so are its children
-        os.killpg(pid, signal.SIGKILL)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:  # ended since the last reap
+            pass
 
 
 def child(request: dict) -> None:

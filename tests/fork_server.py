@@ -33,7 +33,6 @@ import os
 import runpy
 import select
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,8 @@ import time
 import traceback
 from pathlib import Path
 from typing import Optional
+
+from pretrain.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SERVED = ("data_tools.__main__", "pretrain.__main__", "finetune.__main__", "pretrain.fewshot.__main__",
@@ -146,15 +147,14 @@ class ForkServer:
             return subprocess.CompletedProcess(children[0][0], status, out.read_text(), err.read_text())
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def own_env(env: Optional[dict[str, str]] = None) -> dict[str, str]:
     """``env`` (default: this process') without the launcher's variables."""
     return {k: v for k, v in (os.environ if env is None else env).items() if not k.startswith(LAUNCHER_VARS)}
+
+
+def torchrun(nproc: int, *argv: str) -> list[str]:
+    """The real ``torchrun --standalone --nproc_per_node nproc ARGV``, for the tests whose subject is what it does."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *argv]
 
 
 def run_python(*argv: str, env: Optional[dict[str, str]] = None, timeout: float = 600,
@@ -231,8 +231,9 @@ def child(request: dict) -> None:
 
         # What a fresh interpreter's OpenMP would size itself to: OMP_NUM_THREADS, else its CPUs.
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0))))
-        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["out"], os.O_WRONLY | os.O_CREAT | os.O_APPEND),
-                                (2, request["err"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)):
+        appending = os.O_WRONLY | os.O_CREAT | os.O_APPEND  # ranks share one stdout and one stderr
+        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["out"], appending),
+                                (2, request["err"], appending)):
             opened = os.open(path, flags)
             os.dup2(opened, fd)
             os.close(opened)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from fork_server import torchrun
 from test_finetune_preempt import SIZES, tiny_export
 
 pytestmark = pytest.mark.slow
@@ -31,9 +31,8 @@ def test_deepspeed_plugin_finetunes_in_bf16(zero_stage: int, tmp_path: Path, dem
                  "schedule.warmup_steps=1", "checkpoint.every_steps=2", "logging.every_steps=1",
                  "logging.tensorboard=false", f"accelerate.zero_stage={zero_stage}",
                  "accelerate.mixed_precision=bf16"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                           "-m", "finetune", "--config", str(REPO / "configs/finetune/demo.yaml"), *overrides],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(torchrun(1, "-m", "finetune", "--config", str(REPO / "configs/finetune/demo.yaml"),
+                                   *overrides), capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [line["train/loss"] for line in lines if "train/loss" in line]

@@ -15,12 +15,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from fork_server import run_ranks
+from fork_server import run_ranks, torchrun
 from learning import SEED, report, worker_env
 
 from finetune import evaluate, predict
@@ -98,8 +97,7 @@ def finetuned(tmp_path_factory, demo_shards, repo_root, pretrained):
     workers and itself, like a lost node), rerun to the end."""
     run_dir = tmp_path_factory.mktemp("finetune") / "run"
     args = finetune_args(repo_root, demo_shards, run_dir, init=pretrained[0])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "finetune",
-           *args]
+    cmd = torchrun(2, "-m", "finetune", *args)
     first_log = run_dir.parent / "first.log"
     with open(first_log, "w") as log:
         first = subprocess.Popen(cmd, cwd=run_dir.parent, env=worker_env(), stdout=log, stderr=subprocess.STDOUT)

@@ -11,9 +11,9 @@ from fork_server import run_python, run_ranks
 REPORT = """
 import json, os, sys, torch
 rank = int(os.environ.get("RANK", "0"))
+launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 print(json.dumps(dict(argv=sys.argv[1:], cwd=os.getcwd(), path0=sys.path[0], threads=torch.get_num_threads(),
-                      pgid_is_pid=os.getpgrp() == os.getpid(), **{k: os.environ.get(k) for k in (
-                          "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")})), flush=True)
+                      pgid_is_pid=os.getpgrp() == os.getpid(), **{k: os.environ.get(k) for k in launcher})), flush=True)
 if rank == 1 and "fail" in sys.argv:
     sys.exit(3)
 if rank == 0 and "fail" in sys.argv:

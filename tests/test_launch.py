@@ -290,8 +290,9 @@ def test_train_step_benchmark_feeds_the_engine_from_shards_on_each_decode_path(d
 @pytest.mark.slow
 def test_train_step_benchmark_runs_the_engine_across_processes_for_weak_scaling() -> None:
     """gpu-check's weak-scaling figure launches ``benchmarks/train_step.py`` under ``torch.distributed.run`` on
-    every visible GPU; the same launch on 2 CPU processes (gloo; the ranks forked as torchrun starts them) must train the engine across both and report
-    its per-process images/s and ATen calls per step (rank 0 prints the one JSON line)."""
+    every visible GPU; the same launch on 2 CPU processes (gloo; the ranks forked as torchrun starts them) must
+    train the engine across both and report its per-process images/s and ATen calls per step (rank 0 prints
+    the one JSON line)."""
     proc = run_ranks(2, "benchmarks/train_step.py", "--variant", "Ti/16", "--img-size", "32", "--batch", "4",
                      "--steps", "2", "--warmup", "1", "--repeats", "1", "--only", "ours_engine",
                      env=_env(OMP_NUM_THREADS="1"), timeout=300)

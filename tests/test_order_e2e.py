@@ -9,13 +9,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from fork_server import run_module, run_ranks
+from fork_server import run_module, run_ranks, torchrun
 from pretrain.data.keylog import read_step_keys
 
 pytestmark = pytest.mark.slow
@@ -48,8 +47,7 @@ def _kill_after(run_dir: Path, shards: Path, step: int) -> None:
     ``step`` is complete. Waiting for the checkpoint, not for a logged step, keeps the kill before the next
     checkpoint however fast steps run (polled every 20 ms; a step and a save take longer here)."""
     latest = run_dir / "checkpoints" / "latest"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.Popen([*torchrun, "-m", "pretrain", *_args(run_dir, shards)], cwd=REPO, env=_env(),
+    proc = subprocess.Popen(torchrun(2, "-m", "pretrain", *_args(run_dir, shards)), cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300

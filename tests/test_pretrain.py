@@ -385,8 +385,8 @@ def test_a_config_error_exits_before_torchvision_deepspeed_or_accelerate_load(de
             "from pretrain.__main__ import main as pretrain\nfrom finetune.__main__ import main as finetune\n"
             f"assert pretrain(['--config', 'configs/pretrain/demo.yaml', 'data.train_shards={demo_shards}', "
             "'data.train_split=nosuch']) == 2\n"
-            f"assert finetune(['--config', 'configs/finetune/demo.yaml', 'init={demo_shards}', 'data.train_shards={demo_shards}', "
-            "'data.global_batch_size=4096']) == 2\n"
+            f"assert finetune(['--config', 'configs/finetune/demo.yaml', 'init={demo_shards}', "
+            f"'data.train_shards={demo_shards}', 'data.global_batch_size=4096']) == 2\n"
             "print(sorted({'torchvision', 'deepspeed', 'accelerate', 'torch._dynamo', 'pretrain.train', "
             "'finetune.train'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -27,13 +27,12 @@ from pathlib import Path
 import pytest
 import torch
 from fault_child import finished, moments, operations, run_child
-from fork_server import run_module, run_ranks
+from fork_server import run_module, run_ranks, torchrun
 from learning import SEED, report, worker_env
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
 RECIPE = "configs/pretrain/demo.yaml"
 STEPS = 40
 COMMON = [f"schedule.total_steps={STEPS}", "schedule.warmup_steps=5", "checkpoint.every_steps=10",
@@ -50,7 +49,7 @@ def pretrain_args(run_dir: Path, shards: Path, *extra: str) -> list[str]:
 
 def pretrain_cmd(run_dir: Path, shards: Path, *extra: str) -> list[str]:
     """A 2-process run under the real torchrun."""
-    return TORCHRUN + ["2", "-m", "pretrain", *pretrain_args(run_dir, shards, *extra)]
+    return torchrun(2, "-m", "pretrain", *pretrain_args(run_dir, shards, *extra))
 
 
 def run_pretrain(nproc: int, run_dir: Path, shards: Path, *extra: str, timeout: int = 240

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fork_server import run_module
+from fork_server import run_module, torchrun
 
 from pretrain.config import ConfigError, DataConfig, load_config
 from pretrain.data.keylog import read_step_keys
@@ -124,10 +124,9 @@ def test_pretrain_from_s3_killed_and_resumed_logs_the_keys_of_local_disk(
 
     run, cache = tmp_path / "run", tmp_path / "cache"
     latest = run / "checkpoints" / "latest"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.Popen([*torchrun, "-m", "pretrain", *_args(run, s3_demo, cache, "data.num_workers=1")],
-                            cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(torchrun(2, "-m", "pretrain", *_args(run, s3_demo, cache, "data.num_workers=1")),
+                            cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
         deadline = time.time() + 300
         while not (latest.is_file() and latest.read_text() == "step_00000002"):

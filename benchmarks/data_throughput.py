@@ -52,7 +52,8 @@ from torchvision.datasets import ImageFolder
 from data_tools.convert import convert
 from pretrain.config import DataConfig
 from pretrain.data.train_stream import build_train_stream
-from pretrain.data.transforms import decode_rgb, read_header
+from pretrain.data.image_header import read_header
+from pretrain.data.transforms import decode_rgb
 
 IMG_SIZE = 224
 CLASSES = 10

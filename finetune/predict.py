@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 
 from pretrain.config import ConfigError
-from pretrain.data.transforms import BatchPreprocessor, CorruptImageError, build_eval_transform
+from pretrain.data.image_header import CorruptImageError
+from pretrain.data.transforms import BatchPreprocessor, build_eval_transform
 from pretrain.distributed import single_process_device
 
 from .attention import attention_panel, predict_with_rollout

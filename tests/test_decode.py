@@ -8,6 +8,7 @@ pixel for pixel here (on a GPU nvJPEG's IDCT and upsampling make them differ sli
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ from pretrain.config import ConfigError, DataConfig, load_config
 from pretrain.data.decode import EncodedBatch, build_encoded_crop, collate_encoded, finish_batch
 from pretrain.data.sample_table import sample_table
 from pretrain.data.train_stream import _Builder, _Plan, build_train_stream
-from pretrain.data.transforms import CorruptImageError, TrainCrop, decode_rgb, read_header
+from pretrain.data.image_header import CorruptImageError, read_header
+from pretrain.data.transforms import TrainCrop, decode_jpeg_tensor, decode_rgb
 
 IMG = 16
 
@@ -85,6 +87,22 @@ def test_worker_routes_odd_jpegs_to_the_cpu_and_rejects_truncated_ones():
     whole = _jpeg((40, 30))
     with pytest.raises(CorruptImageError, match="truncated"):
         encoded(whole[: len(whole) * 2 // 3])
+
+
+def test_decode_jpeg_tensor_gives_torchvisions_pixels_without_its_warning():
+    """The operators ``torchvision.io.decode_jpeg`` calls, called directly: its pixels, no deprecation warning."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    datas = [_jpeg((40, 30), seed=1), _jpeg((30, 44), "L", seed=2), _jpeg((33, 17), progressive=True)]
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in datas]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = [decode_jpeg_tensor(data)[0] for data in datas] + decode_jpeg_tensor(tensors)
+        assert not caught
+        reference = decode_jpeg(tensors, mode=ImageReadMode.RGB)
+    assert [w.category for w in caught] == [DeprecationWarning]      # what the function would have cost each call
+    for got, want in zip(ours, reference + reference):
+        assert got.shape == want.shape and torch.equal(got, want)
 
 
 def test_finish_batch_crops_each_image_where_the_worker_said():

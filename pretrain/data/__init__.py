@@ -18,7 +18,8 @@ One module per job; the training loop imports only ``train_stream``, ``eval_stre
             │                          evicted least recently used when no process has them open
             │
             ▼
-      train_stream ─ DataLoader workers: samples.decode_sample + transforms (cpu, cpu_full)
+      train_stream ─ DataLoader workers: image_header (format, size: a JPEG's markers walked, else PIL),
+            │                            then samples.decode_sample + transforms (cpu, cpu_full)
             │                            or decode.build_encoded_crop (gpu: encoded bytes + crop boxes)
             ▼
       (uint8 images, labels) ──▶ decode.finish_batch (gpu: nvJPEG) ──▶ transforms.BatchPreprocessor

@@ -29,11 +29,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from PIL import Image
 
 from pretrain.config import DataConfig
-from pretrain.data.transforms import (LIBJPEG_RGB_MODES, CorruptImageError, CropParams, TrainCrop, build_train_crop,
-                                 crop_resize, decode_jpeg_tensor, read_header)
+from pretrain.data.image_header import CorruptImageError, ImageHeader, read_header
+from pretrain.data.transforms import (LIBJPEG_RGB_MODES, CropParams, TrainCrop, build_train_crop, crop_resize,
+                                      decode_jpeg_tensor)
 
 _SOS, _EOI = b"\xff\xda", b"\xff\xd9"
 
@@ -57,9 +57,9 @@ EncodedSample = tuple[bytes | torch.Tensor, CropParams]
 """JPEG bytes for the device, or the worker's finished uint8 (3, S, S) crop; and the sample's crop."""
 
 
-def for_nvjpeg(header: Image.Image, data: bytes) -> bool:
+def for_nvjpeg(header: ImageHeader, data: bytes) -> bool:
     """Whether the device decodes this image: a baseline YCbCr or grey JPEG with its end-of-image marker."""
-    if header.format != "JPEG" or header.mode not in LIBJPEG_RGB_MODES or header.info.get("progressive"):
+    if header.format != "JPEG" or header.mode not in LIBJPEG_RGB_MODES or header.progressive:
         return False
     if data.rfind(_EOI) < data.rfind(_SOS):
         raise CorruptImageError("truncated JPEG: no end-of-image marker after the last scan")

@@ -10,7 +10,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from pretrain.data.transforms import IMAGE_KEYS, CorruptImageError
+from pretrain.data.image_header import CorruptImageError
+from pretrain.data.transforms import IMAGE_KEYS
 
 log = logging.getLogger(__name__)
 

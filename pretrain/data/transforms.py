@@ -7,9 +7,9 @@ MixUp/CutMix run on the accelerator where they cost next to nothing.
 Why our own crop step instead of ``v2.RandomResizedCrop`` on a PIL image (the
 usual ImageFolder recipe):
 
-* the crop box is drawn from the image *header* (PIL parses it without decoding),
-  with torchvision's own ``RandomResizedCrop.get_params``, so the crop
-  distribution is torchvision's;
+* the crop box is drawn from the image *header* (``pretrain.data.image_header``: a walk
+  of a JPEG's markers, PIL for other formats; nothing is decoded), with torchvision's
+  own ``RandomResizedCrop.get_params``, so the crop is torchvision's, draw for draw;
 * a JPEG whose box is at least twice ``img_size`` on each side is decoded at the
   smallest DCT scale (1/2, 1/4, 1/8) that keeps the box >= ``img_size`` (PIL
   ``draft``; ``data.decode=cpu``, the default; ``cpu_full`` never does): crops the
@@ -29,8 +29,6 @@ usual ImageFolder recipe):
 
 from __future__ import annotations
 
-import io
-import warnings
 from typing import Callable, Literal, NamedTuple, Optional
 
 import numpy as np
@@ -39,18 +37,19 @@ import torchvision.transforms as T
 import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as F
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import ImageReadMode
 
 from pretrain.config import DataConfig
+from pretrain.data.image_header import PIL_ERRORS, CorruptImageError, ImageHeader, read_header
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 """Sample fields that may hold the encoded image, in order of preference."""
 
 _DCT_SCALES = (8, 4, 2)
+_PIXEL = torch.zeros(1, 1, 1, dtype=torch.uint8)
+"""Expanded (no copy) to an image's shape for ``RandomResizedCrop.get_params``, which reads only the shape."""
 LIBJPEG_RGB_MODES = ("RGB", "L")
 """PIL modes of JPEGs (YCbCr or grey coded) that libjpeg itself outputs as RGB, on the CPU and in nvJPEG."""
-_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
-"""What PIL raises for corrupt or truncated data (``UnidentifiedImageError`` is an ``OSError``)."""
 NORMALIZATION = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
@@ -58,32 +57,23 @@ NORMALIZATION = {
 """Mean and std per channel on the [0, 1] scale; inception maps pixels to [-1, 1]."""
 
 
-class CorruptImageError(ValueError):
-    """Encoded image bytes that cannot be parsed or decoded."""
-
-
-def read_header(data: bytes) -> Image.Image:
-    """Parse only the header (format, size) of encoded image bytes; nothing is decoded yet."""
-    try:
-        return Image.open(io.BytesIO(data))
-    except _PIL_ERRORS as exn:
-        raise CorruptImageError(f"unreadable image header: {exn!r}") from exn
-
-
-def decode_jpeg_tensor(data: bytes | torch.Tensor, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+def decode_jpeg_tensor(data: bytes | list[torch.Tensor], device: torch.device | str = "cpu") -> list[torch.Tensor]:
     """Decode JPEGs (bytes, or a list of 1-D uint8 CPU tensors) to RGB uint8 (3, H, W) tensors on ``device``.
 
-    torchvision's libjpeg-turbo on the CPU, batched nvJPEG on CUDA. Its image decoders are
-    deprecated in favour of TorchCodec (torchvision 0.29): the warning is silenced here,
-    the one place that calls them.
+    torchvision's libjpeg-turbo on the CPU, batched nvJPEG on CUDA: the operators that
+    ``torchvision.io.decode_jpeg`` calls, called as it calls them. The function itself issues a
+    deprecation warning on every call (torchvision 0.29 moves image decoding to TorchCodec), and
+    issuing and silencing it cost 34 us an image, 2 % of all the CPU path spends on one.
+    ``tests/test_decode.py`` checks the pixels against ``decode_jpeg``'s.
     """
     inputs = [torch.frombuffer(bytearray(data), dtype=torch.uint8)] if isinstance(data, bytes) else data
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_jpeg(inputs, mode=ImageReadMode.RGB, device=device)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.ops.image.decode_jpegs_cuda(inputs, ImageReadMode.RGB.value, device)
+    return [torch.ops.image.decode_jpeg(encoded, ImageReadMode.RGB.value, False) for encoded in inputs]
 
 
-def decode_rgb(header: Image.Image, data: bytes, reduce: int = 1) -> tuple[torch.Tensor, float, float]:
+def decode_rgb(header: ImageHeader, data: bytes, reduce: int = 1) -> tuple[torch.Tensor, float, float]:
     """Decode an opened image to RGB uint8 (3, H, W), a JPEG at 1/``reduce`` scale rounded down to a DCT scale.
 
     Returns the image and the (x, y) factors from original to decoded coordinates.
@@ -97,12 +87,13 @@ def decode_rgb(header: Image.Image, data: bytes, reduce: int = 1) -> tuple[torch
             return decode_jpeg_tensor(data)[0], 1.0, 1.0
         except RuntimeError as exn:
             raise CorruptImageError(f"undecodable JPEG image: {exn}") from exn
+    opened = header.opened(data)
     try:
         if scale > 1:  # PIL picks the largest scale s with size // requested >= s: request size // s
-            header.draft(header.mode, (width // scale, height // scale))
-        header.load()
-        image = header if header.mode == "RGB" else header.convert("RGB")
-    except _PIL_ERRORS as exn:
+            opened.draft(opened.mode, (width // scale, height // scale))
+        opened.load()
+        image = opened if opened.mode == "RGB" else opened.convert("RGB")
+    except PIL_ERRORS as exn:
         raise CorruptImageError(f"undecodable {header.format} image: {exn!r}") from exn
     return to_tensor(image), image.size[0] / width, image.size[1] / height
 
@@ -152,11 +143,13 @@ class TrainCrop:
         self.hflip = hflip
         self.draft = draft
 
-    def params(self, header: Image.Image) -> CropParams:
-        top, left, height, width = T.RandomResizedCrop.get_params(header, list(self.scale), list(self.ratio))
+    def params(self, header: ImageHeader) -> CropParams:
+        width, height = header.size  # torchvision takes a tensor's shape as the image's size
+        top, left, height, width = T.RandomResizedCrop.get_params(_PIXEL.expand(1, height, width), list(self.scale),
+                                                                  list(self.ratio))
         return CropParams(top, left, height, width, self.hflip and bool(torch.rand(1) < 0.5))
 
-    def apply(self, header: Image.Image, data: bytes, crop: CropParams) -> torch.Tensor:
+    def apply(self, header: ImageHeader, data: bytes, crop: CropParams) -> torch.Tensor:
         reduce = min(crop.height, crop.width) // self.size if self.draft else 1
         image, fx, fy = decode_rgb(header, data, reduce)
         box = (round(crop.left * fx), round(crop.top * fy), round((crop.left + crop.width) * fx),
@@ -206,7 +199,7 @@ def build_train_transform(cfg: DataConfig, img_size: int) -> Callable[[bytes], t
             raise ValueError(f"data.randaugment must be [num_ops, magnitude], got {cfg.randaugment}")
         num_ops, magnitude = cfg.randaugment
         steps.append(v2.RandAugment(num_ops=num_ops, magnitude=magnitude))
-    return v2.Compose(steps)
+    return steps[0] if len(steps) == 1 else v2.Compose(steps)
 
 
 def build_eval_transform(cfg: DataConfig, img_size: int) -> Callable[[bytes], torch.Tensor]:

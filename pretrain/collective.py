@@ -1,4 +1,4 @@
-"""The few collectives vitscale itself issues (agreement flags, loss and eval counts), NCCL-safe.
+"""The few collectives vitscale itself issues (agreement flags, loss and eval counts, gradient buckets), NCCL-safe.
 
 Why one helper: an NCCL process group takes CUDA tensors only; a collective on a
 CPU tensor raises ``No backend type associated with device type cpu``. The first
@@ -68,6 +68,18 @@ def sum_(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> tor
     """Sum ``tensor`` over ``group`` (default: all processes); use the returned tensor: it is ``tensor``,
     reduced in place, only when ``tensor`` was already on ``collective_device()`` (no-op without a group)."""
     return _all_reduce(tensor, dist.ReduceOp.SUM, group)
+
+
+def reduce_async(tensor: torch.Tensor, dst: int, group: Optional[dist.ProcessGroup] = None) -> dist.Work:
+    """Start summing ``tensor`` over ``group`` into global rank ``dst``, in place; wait on the returned work.
+
+    For gradient buckets (``pretrain.flat_grads``), which live where the model does and so already
+    on ``collective_device()``: a tensor elsewhere is refused, since a copy would take the sum
+    away from the buffer the caller reads.
+    """
+    if tensor.device != collective_device():
+        raise ValueError(f"reduce_async: a {tensor.device} tensor for a group that reduces on {collective_device()}")
+    return dist.reduce(tensor, dst, group=group, async_op=True)
 
 
 def sum_values(values: Sequence[float]) -> list[float]:

@@ -16,7 +16,10 @@ attribute it touches (``LEAN_ATTRIBUTES``); otherwise DeepSpeed's own step runs,
 * ``_reuse_grad_partition_buffer``: one fp32 gradient partition per group, zeroed, not rebuilt;
 * ``_keep_bucket_buffers`` (CPU only): gradient buckets kept between backwards;
 * ``_skip_on_device``: the step reads nothing back: clipping and the skip of a non-finite step on
-  the device (fp32 and bf16 with torch's fused optimizers).
+  the device (fp32 and bf16 with torch's fused optimizers);
+* ``pretrain.flat_grads`` (where the step skips on the device): gradients written by autograd into one
+  flat buffer and reduced per bucket, instead of DeepSpeed's hooks, copies and flattening per tensor;
+  the bucket and partition buffers above are then DeepSpeed's unused ones.
 
 ``tests/test_pretrain_engine.py`` checks the result bit for bit against DeepSpeed's own step and
 a plain loop, and counts the calls that are gone.
@@ -29,7 +32,7 @@ from typing import Any, Optional
 
 import torch
 
-from pretrain import collective
+from pretrain import collective, flat_grads
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +60,14 @@ def make_lean(engine: Any) -> None:
     _overflow_from_grad_norm(optimizer)
     _foreach_grad_norm(optimizer)
     _keep_parameter_views(optimizer)
+    if _skips_on_device(optimizer) and flat_grads.applies(optimizer):
+        _skip_on_device(optimizer, _FlatPartitions(flat_grads.install(optimizer)))
+        return
     _reuse_grad_partition_buffer(optimizer)
     if torch.device(optimizer.device).type == "cpu":
         _keep_bucket_buffers(optimizer)
     if _skips_on_device(optimizer):
-        _skip_on_device(optimizer)
+        _skip_on_device(optimizer, _DeepSpeedPartitions(optimizer))
 
 
 def lean_zero_optimizer(engine: Any) -> Optional[Any]:
@@ -251,7 +257,50 @@ def _skips_on_device(optimizer: Any) -> bool:
             and type(inner) in FUSED_FOUND_INF and all(group.get("fused") for group in inner.param_groups))
 
 
-def _skip_on_device(optimizer: Any) -> None:
+class _DeepSpeedPartitions:
+    """Each group's gradient partition as DeepSpeed's gradient path leaves it (``averaged_gradients``), flattened
+    as ``DeepSpeedZeroOptimizer.step`` flattens it, and DeepSpeed's references to it dropped after."""
+
+    def __init__(self, optimizer: Any) -> None:
+        from deepspeed import comm as dist
+
+        self.optimizer = optimizer
+        self.last_rank = [dist.get_rank(group=group) == dist.get_world_size(group=group) - 1
+                          for group in optimizer.real_dp_process_group]
+
+    def take(self, i: int) -> torch.Tensor:
+        optimizer = self.optimizer
+        optimizer.free_grad_in_param_list(optimizer.params_not_in_partition[i])
+        flat = optimizer._get_preflattened_grad_partition(i)
+        if flat is None and self.last_rank[i]:
+            flat = optimizer.flatten_dense_tensors_aligned(optimizer.averaged_gradients[i],
+                                                           int(optimizer.partition_size[i]))
+        elif flat is None:
+            flat = optimizer.flatten(optimizer.averaged_gradients[i])
+        optimizer.free_grad_in_param_list(optimizer.params_in_partition[i])
+        optimizer._release_preflattened_grad_buffers(i)
+        optimizer.averaged_gradients[i] = None
+        optimizer.all_grad_tensors[i] = None
+        return flat
+
+    def release(self, i: int) -> None:
+        """Nothing to do: the next backward builds new ones."""
+
+
+class _FlatPartitions:
+    """Each group's gradient partition from ``pretrain.flat_grads``: kept, and zeroed after the update."""
+
+    def __init__(self, flat: flat_grads.FlatGradients) -> None:
+        self.flat = flat
+
+    def take(self, i: int) -> torch.Tensor:
+        return self.flat.partition(i)
+
+    def release(self, i: int) -> None:
+        self.flat.after_step(i)
+
+
+def _skip_on_device(optimizer: Any, partitions: Any) -> None:
     """Stages 1-2, fp32 and bf16: DeepSpeed's step without its host reads; a non-finite step skipped on the device.
 
     Why: ``DeepSpeedZeroOptimizer.step`` decides on the host whether a step overflowed
@@ -270,8 +319,9 @@ def _skip_on_device(optimizer: Any) -> None:
     * clipping multiplies by ``1 / max(1, (norm + 1e-6) / clip)`` computed on the device, the
       same operations DeepSpeed's ``unscale_and_clip_grads`` runs with a loss scale of 1 (``x / 1``
       and ``x * 1`` are exact), so a finite step's weights equal DeepSpeed's bit for bit;
-    * the rest is DeepSpeed's non-offload path unchanged (flatten the partition, step each group,
-      then ``update_lp_params``: copy to the bit16 partitions, all-gather). On a skipped step the
+    * the rest is DeepSpeed's non-offload path unchanged (``partitions.take``: the flat gradient
+      partition of each group, DeepSpeed's or ``pretrain.flat_grads``'; step each group, then
+      ``update_lp_params``: copy to the bit16 partitions, all-gather). On a skipped step the
       bit16 copy rewrites the unchanged fp32 master, the same values, so the weights stay those
       of the previous step bit for bit (``tests/test_device_step.py``).
 
@@ -283,24 +333,11 @@ def _skip_on_device(optimizer: Any) -> None:
     reads the flags of a window of steps at its next sync point, where ``optim.max_nonfinite_steps``
     is enforced.
     """
-    from deepspeed import comm as dist
     from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
 
     from pretrain.optim import zero_momentum
 
     inner, groups = zero_momentum(optimizer.optimizer), range(len(optimizer.bit16_groups))
-    last_rank = [dist.get_rank(group=group) == dist.get_world_size(group=group) - 1
-                 for group in optimizer.real_dp_process_group]
-
-    def grad_partition(i: int) -> torch.Tensor:
-        """Group ``i``'s flat gradient partition in the fp32 master's dtype (DeepSpeed's ``step``)."""
-        flat = optimizer._get_preflattened_grad_partition(i)
-        if flat is None and last_rank[i]:
-            flat = optimizer.flatten_dense_tensors_aligned(optimizer.averaged_gradients[i],
-                                                           int(optimizer.partition_size[i]))
-        elif flat is None:
-            flat = optimizer.flatten(optimizer.averaged_gradients[i])
-        return flat.to(optimizer.single_partition_of_fp32_groups[i].dtype)
 
     def step(closure: Any = None) -> None:
         optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
@@ -312,18 +349,14 @@ def _skip_on_device(optimizer: Any) -> None:
         clip = optimizer.clip_grad > 0
         scale = torch.clamp((norm + 1e-6) / optimizer.clip_grad, min=1.0).reciprocal() if clip else None
         for i in groups:
-            optimizer.free_grad_in_param_list(optimizer.params_not_in_partition[i])
-            partition = grad_partition(i)
             fp32 = optimizer.single_partition_of_fp32_groups[i]
+            partition = partitions.take(i).to(fp32.dtype)
             fp32.grad = partition
-            optimizer.free_grad_in_param_list(optimizer.params_in_partition[i])
-            optimizer._release_preflattened_grad_buffers(i)
-            optimizer.averaged_gradients[i] = None
-            optimizer.all_grad_tensors[i] = None
             if scale is not None:
                 partition.mul_(scale)
             optimizer._optimizer_step(i)
             fp32.grad = None
+            partitions.release(i)
         optimizer.update_lp_params()  # DeepSpeed's copy into the bit16 partitions and all-gather
         for i in groups:
             optimizer._update_model_bit16_weights(i)

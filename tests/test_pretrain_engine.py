@@ -427,21 +427,28 @@ def test_global_grad_norm_equals_torchs_on_the_same_gradients(stage: int, proces
     engine.destroy()
 
 
-@pytest.mark.parametrize("stage,precision,accumulation", [(1, "fp32", 1), (2, "fp32", 1), (2, "fp32", 2),
-                                                          (2, "bf16", 2)])
+@pytest.mark.parametrize("stage,precision,accumulation,flat", [(1, "fp32", 1, True), (2, "fp32", 1, True),
+                                                               (2, "fp32", 2, True), (2, "bf16", 2, True),
+                                                               (1, "bf16", 2, True), (2, "fp32", 2, False),
+                                                               (2, "bf16", 2, False)])
 def test_lean_zero_step_equals_deepspeeds_own_and_a_plain_loop_with_less_host_work(
-        stage: int, precision: str, accumulation: int, process_group, demo_shards: Path, tmp_path: Path,
+        stage: int, precision: str, accumulation: int, flat: bool, process_group, demo_shards: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """``pretrain.lean_zero`` (with fused AdamW) over 4 optimizer steps of ``accumulation`` micro-batches,
-    tolerance 0:
+    tolerance 0, with the flat gradient path (``pretrain.flat_grads``) and, ``flat`` False, with
+    DeepSpeed's gradient path under the lean patches (what runs where the flat path does not apply):
 
     * against the same engine with DeepSpeed's own step (``make_lean`` left out): equal weights, bit for
       bit, fp32 and bf16;
     * fp32: against a plain loop on a copy of the model (the same AdamW from ``build_optimizer``, the
       same groups and schedule, ``clip_grad_norm_``): equal weights, bit for bit;
     * the work it removes is gone: DeepSpeed's re-pointing of the parameters never runs after the
-      start, the bf16 gradient partition is built once per group, every bucket is reduced from one
-      storage, and a step dispatches at least 4 fewer ATen calls per parameter tensor.
+      start; with the flat path DeepSpeed's per-tensor gradient hook never runs, the gradient
+      partition is built once per group at the start, and a step dispatches at most 2 more ATen
+      calls per parameter tensor than the plain loop (fp32; the loop's own count: one ``add_`` per
+      tensor where autograd adds into the flat buffer, the rest per group and per step); without
+      it the bf16 partition is built once per group and every bucket is reduced from one storage;
+      either way a step dispatches at least 4 fewer ATen calls per parameter tensor than DeepSpeed's.
 
     Why tolerance 0 and a clip threshold that never clips (1e6): the attention's key bias gets a
     gradient of pure rounding noise (softmax ignores it), which Adam normalises to updates of the
@@ -454,13 +461,17 @@ def test_lean_zero_step_equals_deepspeeds_own_and_a_plain_loop_with_less_host_wo
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     import pretrain.engine
+    from pretrain import flat_grads
     from pretrain.engine import build_engine, deepspeed_config
     from pretrain.metrics import dispatched_calls
     from pretrain.model import build_vit
     from pretrain.optim import build_optimizer, build_scheduler
 
+    if not flat:
+        monkeypatch.setattr(flat_grads, "applies", lambda optimizer: False)
     calls: dict[str, int] = {}
-    for name in ("_update_model_bit16_weights", "_build_compact_grad_partition_buffer"):
+    for name in ("_update_model_bit16_weights", "_build_compact_grad_partition_buffer",
+                 "reduce_independent_p_g_buckets_and_remove_grads"):
         original = getattr(DeepSpeedZeroOptimizer, name)
         monkeypatch.setattr(DeepSpeedZeroOptimizer, name, lambda self, *a, _f=original, _n=name: (
             calls.__setitem__(_n, calls.get(_n, 0) + 1), _f(self, *a))[1])
@@ -502,26 +513,40 @@ def test_lean_zero_step_equals_deepspeeds_own_and_a_plain_loop_with_less_host_wo
     assert all(torch.equal(ours[k], deepspeeds[k]) for k in ours)
 
     steps, groups = len(batches), 2
+    reductions = tensors * steps * (accumulation if stage == 2 else 1)
     assert own["_update_model_bit16_weights"] == groups * steps and "_update_model_bit16_weights" not in lean
-    if precision == "bf16":                                           # fp32 accumulation: the compact partition
+    assert own["reduce_independent_p_g_buckets_and_remove_grads"] == reductions
+    assert own["storages"] == steps * (accumulation if stage == 2 else 1)
+    if flat:
+        assert "reduce_independent_p_g_buckets_and_remove_grads" not in lean and lean["storages"] == 0
+        assert "_build_compact_grad_partition_buffer" not in lean
+    else:
+        assert lean["reduce_independent_p_g_buckets_and_remove_grads"] == reductions and lean["storages"] == 1
+    if precision == "bf16" and stage == 2:                            # fp32 accumulation: the compact partition
         assert own["_build_compact_grad_partition_buffer"] == groups * steps
-        assert lean["_build_compact_grad_partition_buffer"] == groups
-    assert own["storages"] == steps * accumulation and lean["storages"] == 1
+        assert flat or lean["_build_compact_grad_partition_buffer"] == groups
     assert lean["dispatched_last_step"] <= own["dispatched_last_step"] - 4 * tensors, (lean, own)
 
     if precision == "fp32":
         optimizer = build_optimizer(plain, cfg.optim)
         assert all(group["fused"] for group in optimizer.param_groups)
         schedule = build_scheduler(optimizer, cfg.schedule)
-        for x, y in batches:
+
+        def plain_step(x: torch.Tensor, y: torch.Tensor) -> None:
             for xs, ys in zip(x.chunk(accumulation), y.chunk(accumulation)):
                 (loss_fn(plain(xs), ys) / accumulation).backward()
             torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
+
+        for x, y in batches[:-1]:
+            plain_step(x, y)
+        plain_dispatched = dispatched_calls(lambda: plain_step(*batches[-1]))
         want = plain.state_dict()
         assert all(torch.equal(ours[k], want[k]) for k in want), max((ours[k] - want[k]).abs().max() for k in want)
+        if flat:
+            assert lean["dispatched_last_step"] <= plain_dispatched + 2 * tensors, (lean, plain_dispatched)
 
 
 def test_every_collective_of_a_finetuning_run_is_placed_on_the_collective_device(

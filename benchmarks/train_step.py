@@ -15,6 +15,9 @@ contender alike):
 * ``ours_engine``: the same model in our DeepSpeed engine (``pretrain.engine``, ZeRO-2, every
   process of the launch, ``--batch`` per process); ``engine_vs_plain`` = engine / plain per
   device (target >= 0.95), ``engine_overhead`` its inverse;
+* ``ours_engine_ds_grads``: the same engine on DeepSpeed's own gradient path (``pretrain.flat_grads``
+  off; the rest of ``pretrain.lean_zero`` on): the baseline of the flat path, ``flat_grads_speedup`` =
+  ``ours_engine`` / it;
 * ``ours_engine_data`` (with ``--shards DIR``): the same engine fed by the training input path
   instead of one fixed tensor: the train stream over ``DIR`` (``--decode`` as ``data.decode``,
   ``--workers`` loader workers) and ``BatchPreprocessor``; ``data_vs_synthetic`` = its img/s /
@@ -23,6 +26,12 @@ contender alike):
 ``<name>_aten_calls_per_step`` (eager only): ATen calls one step dispatches (``pretrain.metrics.dispatched_calls``),
 the host work behind a step; exact and machine-independent, so an engine's overhead on a GPU's host
 can be compared with the plain loop's on any CPU.
+
+``<name>_python_ms_per_step`` (``--python``, eager only): host time a step spends running Python code
+itself (the engine's per-step and per-parameter bookkeeping, the hooks, the model's ``forward``), not
+in the ATen calls and other C functions it makes: ``cProfile``'s self time summed over Python functions,
+3 steps, best of 3. cProfile slows Python code down about 2x alike for every contender, so compare the
+contenders, not the absolute figure; on CPU the backward's hooks run in this thread and are counted.
 
 ``--compile``: the plain loops run ``torch.compile``d modules and the engine is compiled the
 way ``model.compile`` does it (``engine.compile()``), so on a GPU the engine is compared with a
@@ -83,6 +92,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--decode", default="cpu", choices=["cpu", "cpu_full", "gpu"], help="data.decode with --shards")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
                         help="loader workers with --shards (default: CPU cores - 2)")
+    parser.add_argument("--python", action="store_true",
+                        help="also report each contender's Python self time per step (<name>_python_ms_per_step)")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="after timing, profile 3 steps of each contender: DIR/<name>.txt holds its top ops")
     return parser.parse_args()
@@ -143,6 +154,21 @@ def stream_batches(args: argparse.Namespace, cfg: Config, env: DistEnv, device: 
                                 world_size=env.world_size, device=device)
     preprocess = BatchPreprocessor(data, cfg.model.num_classes)
     return lambda: preprocess(*next(stream), device, dtype)
+
+
+def python_ms_per_step(step: Callable[[], None], steps: int = 3, rounds: int = 3) -> float:
+    """Milliseconds per step spent in Python functions' own code (module docstring), best of ``rounds``."""
+    import cProfile
+    import pstats
+
+    best = float("inf")
+    for _ in range(rounds):
+        profiler = cProfile.Profile()
+        profiler.runcall(lambda: [step() for _ in range(steps)])
+        stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+        own = sum(tottime for (filename, _, _), (_, _, tottime, _, _) in stats.items() if filename != "~")
+        best = min(best, own)
+    return round(best * 1e3 / steps, 3)
 
 
 def profile(step: Callable[[], None], out: Path, device: torch.device, steps: int = 3) -> Optional[float]:
@@ -210,13 +236,26 @@ def main() -> None:
             engines.append(build_bench_engine(engine_model, cfg, env.world_size, args.compile))
         return engines[0]
 
-    def synthetic() -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-        fixed = (x.to(engine().module.cls_token.dtype), y)
+    def ds_grads_engine() -> Any:
+        """The same engine on DeepSpeed's own gradient path (``pretrain.flat_grads`` off while it is built)."""
+        from pretrain import flat_grads
+
+        applies, flat_grads.applies = flat_grads.applies, lambda optimizer: False
+        try:
+            twin = build_vit(args.variant, img_size=img, num_classes=args.num_classes)
+            twin.set_grad_checkpointing(args.grad_checkpointing)
+            return build_bench_engine(twin, cfg, env.world_size, args.compile)
+        finally:
+            flat_grads.applies = applies
+
+    def synthetic(built: Any) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        fixed = (x.to(built.module.cls_token.dtype), y)
         return lambda: fixed
 
     makers = {"ours_plain": lambda: plain_step(plain_models[0], x, y, gpu),
               "timm_plain": lambda: plain_step(plain_models[1], x, y, gpu),
-              "ours_engine": lambda: engine_step(engine(), synthetic())}
+              "ours_engine": lambda: engine_step(engine(), synthetic(engine())),
+              "ours_engine_ds_grads": lambda: (lambda built: engine_step(built, synthetic(built)))(ds_grads_engine())}
     if args.shards is not None:
         makers["ours_engine_data"] = lambda: engine_step(engine(), stream_batches(
             args, cfg, env, device, engine().module.cls_token.dtype))
@@ -245,11 +284,15 @@ def main() -> None:
     if {"ours_plain", "ours_engine"} <= set(best):
         result["engine_vs_plain"] = round(best["ours_engine"] / best["ours_plain"], 3)
         result["engine_overhead"] = round(best["ours_plain"] / best["ours_engine"], 3)
+    if {"ours_engine", "ours_engine_ds_grads"} <= set(best):
+        result["flat_grads_speedup"] = round(best["ours_engine"] / best["ours_engine_ds_grads"], 3)
     if {"ours_engine", "ours_engine_data"} <= set(best):
         result.update(decode=args.decode, workers=args.workers,
                       data_vs_synthetic=round(best["ours_engine_data"] / best["ours_engine"], 3))
     if not args.compile:
         result.update({f"{name}_aten_calls_per_step": dispatched_calls(step) for name, step in steps.items()})
+        if args.python:
+            result.update({f"{name}_python_ms_per_step": python_ms_per_step(step) for name, step in steps.items()})
     throughput = Throughput(flops_per_image(ours), 1, device_peak_tflops(device, args.peak_tflops),
                             recompute=args.grad_checkpointing)
     for key in best:

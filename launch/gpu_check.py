@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -329,10 +328,10 @@ def benchmarks(work: Path, sections: Sections) -> None:
     bench_section(sections, "train_step", "")
     bench_section(sections, "train_step_compiled", ", torch.compile", lambda: ["--compile"], timeout=420)
     bench_section(sections, "train_step_recompute", ", recomputation", lambda: ["--grad-checkpointing"])
-    # DeepSpeed's ZeRO-2 step costs the host about the same time whatever the micro-batch (with
-    # pretrain/lean_zero.py its gradient path still dispatches ~1,100 ATen calls a step more than the plain
-    # loop for ViT's 152 tensors: narrows, views, copies; train_step's *_aten_calls_per_step), so a larger
-    # micro-batch, as data.micro_batch_size=auto picks for the recipes, hides more of it.
+    # The engine's step costs the host about the same time whatever the micro-batch (with
+    # pretrain/lean_zero.py and pretrain/flat_grads.py about 50 ATen calls a step more than the plain loop;
+    # train_step's *_aten_calls_per_step), so a larger micro-batch, as data.micro_batch_size=auto picks for
+    # the recipes, hides more of it.
     bench_section(sections, "train_step_batch256", ", micro-batch 256",
                   lambda: ["--batch", "256", "--only", "ours_plain,ours_engine"])
     for decode in ("gpu", "cpu"):

@@ -10,7 +10,8 @@ Choices made here:
 * The optimizer is a ``torch.optim`` one (``pretrain.optim``; AdamW with torch's fused
   kernel, one pass over each of ZeRO's flat partitions); ZeRO partitions its state just
   the same, and DeepSpeed's own CPU Adam would JIT-compile for minutes.
-* Stages 1-2 take a leaner step than DeepSpeed's default (``pretrain.lean_zero``): the same
+* Stages 1-2 take a leaner step than DeepSpeed's default (``pretrain.lean_zero``) and, where
+  that step skips on the device, a gradient path of ours (``pretrain.flat_grads``): the same
   updates and skipped steps with a fraction of DeepSpeed's per-tensor host work.
 * Non-finite steps: DeepSpeed's ZeRO optimizers skip an update whose gradient norm
   is inf/NaN. For fp32 that check is always on at stages 1-3; for bf16 we switch it
@@ -38,7 +39,9 @@ Communication (``_zero_section``), per ZeRO stage:
 * ``overlap_comm`` on every stage >= 1 when CUDA is there: gradients are reduced on a
   side stream while backward still runs (stage 1 reduces in the last micro-batch's
   backward, stages 2-3 in every one). On CPU there is no stream to overlap on; DeepSpeed's
-  double buffers would only cost memory, so it is off there.
+  double buffers would only cost memory, so it is off there. ``pretrain.flat_grads``, where it
+  runs, overlaps on its own (asynchronous reductions launched from the backward's hooks, on
+  the communication library's stream) and ignores the setting.
 * ``reduce_bucket_size`` 25M elements (DeepSpeed's default is 500M, more than ViT-B/16's
   86M parameters: one reduction after the whole backward, nothing overlapped). 25M gives
   4 buckets for B/16, 12 for L/16, 25 for H/14, each a 50-100 MB message, where NCCL runs

@@ -40,7 +40,7 @@ Memory: ``grads[i]`` holds the whole model's gradient in its dtype on every rank
 bf16: 172 MB), as stage 1 and a plain loop do; DeepSpeed's stage 2 keeps 25M-element buckets
 instead (two with overlap). The micro-batch probe (``pretrain.micro_batch``) measures a backward
 that holds that much already. With several ranks and an fp32 communication dtype for bf16
-gradients, each bucket in flight has an fp32 copy (at most 100 MB each), freed at the epilogue.
+gradients, each bucket in flight has an fp32 copy: ``IN_FLIGHT`` + 1 at most (300 MB at 25M elements).
 
 Applies where ``pretrain.lean_zero._skip_on_device`` does (it reads the partition), to a plain
 optimizer (no offload, no MoE, no ``grad_accum`` attribute), ``reduce_scatter`` on, gradients
@@ -51,6 +51,7 @@ buffer; otherwise DeepSpeed's own path runs (``applies``).
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -60,6 +61,11 @@ import torch.distributed as dist
 from pretrain import collective
 
 log = logging.getLogger(__name__)
+
+IN_FLIGHT = 2
+"""Buckets whose reductions may be outstanding at once: the compute stream waits for the oldest only when a
+third is launched, by which time the backward has computed a whole bucket more (DeepSpeed double-buffers
+its buckets alike); it bounds the fp32 copies of bf16 buckets to three (300 MB at 25M elements)."""
 
 
 FLAT_ATTRIBUTES = (
@@ -148,6 +154,7 @@ class FlatGradients:
         self.views: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         self.buckets: list[Bucket] = []
         self.armed: Optional[bool] = None
+        self.in_flight: deque[Bucket] = deque()
         for i, flat in enumerate(optimizer.bit16_groups_flat):
             grads = torch.zeros_like(flat)
             self.grads.append(grads)
@@ -229,31 +236,39 @@ class FlatGradients:
 
     def _launch(self, bucket: Bucket) -> None:
         """Divide, cast and reduce ``bucket`` to the owners of its partitions (several ranks), as DeepSpeed's
-        ``average_tensor``; with one rank there is nothing to send."""
+        ``average_tensor``; with one rank there is nothing to send. Then finish the buckets launched before
+        it beyond ``IN_FLIGHT``, which bounds the fp32 copies that exist at once."""
         bucket.launched = True
-        if self.world == 1:
-            return
-        grad = bucket.grad.div_(self.world)
-        sent = grad if grad.dtype == self.comm_dtype else grad.to(self.comm_dtype)
-        bucket.sent = sent
-        for dst, lo, hi in bucket.owners:
-            bucket.works.append(collective.reduce_async(sent[lo - bucket.start:hi - bucket.start], dst,
-                                                        self.optimizer.real_dp_process_group[bucket.group]))
+        self.in_flight.append(bucket)
+        if self.world > 1:
+            grad = bucket.grad.div_(self.world)
+            sent = grad if grad.dtype == self.comm_dtype else grad.to(self.comm_dtype)
+            bucket.sent = sent
+            for dst, lo, hi in bucket.owners:
+                bucket.works.append(collective.reduce_async(sent[lo - bucket.start:hi - bucket.start], dst,
+                                                            self.optimizer.real_dp_process_group[bucket.group]))
+        while len(self.in_flight) > IN_FLIGHT:
+            self._finish(self.in_flight.popleft())
+
+    def _finish(self, bucket: Bucket) -> None:
+        """Wait for ``bucket``'s reductions (on a GPU: the compute stream waits, the host does not) and add this
+        rank's share into its gradient partition."""
+        for work in bucket.works:
+            work.wait()
+        bucket.works.clear()
+        if bucket.own is not None:
+            lo, hi = bucket.own
+            source = bucket.sent if bucket.sent is not None else bucket.grad
+            bucket.into.add_(source if hi - lo == source.numel() else source[lo - bucket.start:hi - bucket.start])
+        bucket.sent = None
 
     def epilogue(self) -> None:
-        """After a backward that reduces: finish every bucket, add this rank's shares into the partitions, zero."""
+        """After a backward that reduces: launch what the hooks did not, finish every bucket, zero the buffers."""
         for bucket in self.buckets:
             if not bucket.launched:
                 self._launch(bucket)
-        for bucket in self.buckets:
-            for work in bucket.works:
-                work.wait()
-            bucket.works.clear()
-            if bucket.own is not None:
-                lo, hi = bucket.own
-                source = bucket.sent if bucket.sent is not None else bucket.grad
-                bucket.into.add_(source if hi - lo == source.numel() else source[lo - bucket.start:hi - bucket.start])
-            bucket.sent = None
+        while self.in_flight:
+            self._finish(self.in_flight.popleft())
         for grads in self.grads:
             grads.zero_()
 

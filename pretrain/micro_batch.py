@@ -33,7 +33,9 @@ MEMORY_FRACTION = 0.85
 """Share of the device the probe may plan for; the rest is allocator fragmentation and cuDNN/NCCL workspaces."""
 CPU_MAX = 64
 DEEPSPEED_BUFFERS = 512 * 2**20
-"""Gradient buckets (two of 25M fp32 elements with overlap) and the all-gather bucket (``pretrain.engine``)."""
+"""Gradient buckets in fp32 (DeepSpeed's two of 25M elements with overlap; ``pretrain.flat_grads``' three copies
+in flight) and the all-gather bucket (``pretrain.engine``); the flat path's whole-model gradient buffer is the
+bf16 gradient the probe's backward holds itself."""
 
 
 def candidates(per_rank: int) -> list[int]:

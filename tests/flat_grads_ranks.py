@@ -4,7 +4,8 @@ gradient path and with DeepSpeed's own path (``make_lean`` left out), each rank 
     python tests/flat_grads_ranks.py STAGE PRECISION ACCUMULATION BUCKET OUT_DIR   (under a launcher)
 
 Writes ``OUT_DIR/rank{R}.pt``: both runs' weights, and for the flat run where each bucket's reduction
-was launched (inside the backward, from the hooks, or after it, from the epilogue).
+was launched (inside the backward, from the hooks, or after it, from the epilogue) and how many buckets'
+reductions were outstanding after each launch.
 """
 
 from __future__ import annotations
@@ -50,18 +51,20 @@ def main() -> None:
         "schedule.warmup_steps=1", "schedule.total_steps=100",
         f"deepspeed.extra={{zero_optimization: {{reduce_bucket_size: {bucket}}}}}"])
     launches: list[str] = []
+    in_flight: list[int] = []
     launch = flat_grads.FlatGradients._launch
 
     def recorded(self: flat_grads.FlatGradients, bucket: flat_grads.Bucket) -> None:
         launches.append("backward" if torch._C._current_graph_task_id() != -1 else "epilogue")
         launch(self, bucket)
+        in_flight.append(sum(b.sent is not None for b in self.buckets))
 
     flat_grads.FlatGradients._launch = recorded
     flat = trained(cfg, env, accumulation)
     flat_grads.FlatGradients._launch = launch
     pretrain.engine.make_lean = lambda engine: None
     deepspeeds = trained(cfg, env, accumulation)
-    torch.save({"flat": flat, "deepspeed": deepspeeds, "launches": launches}, Path(out) / f"rank{env.rank}.pt")
+    torch.save({"flat": flat, "deepspeed": deepspeeds, "launches": launches, "in_flight": in_flight}, Path(out) / f"rank{env.rank}.pt")
     shutdown_distributed()
 
 

@@ -25,7 +25,10 @@ def test_two_ranks_train_as_deepspeeds_own_path_bit_for_bit(stage: int, precisio
     bit (a clip threshold that never clips: DeepSpeed's fp64 norm differs in the last bits). Buckets of 1,000
     elements cut the tiny model's 30k into 12 per micro-batch, several straddling the two ranks' partitions;
     25M gives one per group, the padding included. Each bucket's reduction was launched inside the backward
-    by its last gradient's hook (none left to the epilogue): the overlap DeepSpeed's buckets give."""
+    by its last gradient's hook (none left to the epilogue): the overlap DeepSpeed's buckets give; and no more
+    than ``IN_FLIGHT`` buckets' reductions were outstanding after a launch (the bound on fp32 copies)."""
+    from pretrain.flat_grads import IN_FLIGHT
+
     done = run_ranks(2, "tests/flat_grads_ranks.py", str(stage), precision, str(accumulation), str(bucket),
                      str(tmp_path), timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -36,4 +39,5 @@ def test_two_ranks_train_as_deepspeeds_own_path_bit_for_bit(stage: int, precisio
         differ = [k for k in rank["flat"] if not torch.equal(rank["flat"][k], rank["deepspeed"][k])]
         assert not differ, differ
         assert rank["launches"] == ["backward"] * buckets * reducing
+        assert max(rank["in_flight"]) == min(IN_FLIGHT, buckets)
     assert all(torch.equal(ranks[0]["flat"][k], ranks[1]["flat"][k]) for k in ranks[0]["flat"])

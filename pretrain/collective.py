@@ -70,8 +70,9 @@ def sum_(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> tor
     return _all_reduce(tensor, dist.ReduceOp.SUM, group)
 
 
-def reduce_async(tensor: torch.Tensor, dst: int, group: Optional[dist.ProcessGroup] = None) -> dist.Work:
-    """Start summing ``tensor`` over ``group`` into global rank ``dst``, in place; wait on the returned work.
+def reduce_async(tensor: torch.Tensor, dst: Optional[int], group: Optional[dist.ProcessGroup] = None) -> dist.Work:
+    """Start summing ``tensor`` over ``group`` in place, into global rank ``dst`` (every rank for None: an
+    all-reduce); wait on the returned work.
 
     For gradient buckets (``pretrain.flat_grads``), which live where the model does and so already
     on ``collective_device()``: a tensor elsewhere is refused, since a copy would take the sum
@@ -79,6 +80,8 @@ def reduce_async(tensor: torch.Tensor, dst: int, group: Optional[dist.ProcessGro
     """
     if tensor.device != collective_device():
         raise ValueError(f"reduce_async: a {tensor.device} tensor for a group that reduces on {collective_device()}")
+    if dst is None:
+        return dist.all_reduce(tensor, group=group, async_op=True)
     return dist.reduce(tensor, dst, group=group, async_op=True)
 
 

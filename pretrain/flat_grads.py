@@ -17,9 +17,12 @@ What this path does instead, per param group ``i`` (same arithmetic, one call pe
 * ``grads[i]`` is cut into buckets of whole tensors of at most ``reduce_bucket_size`` elements.
   With several ranks, a post-accumulate hook per parameter counts down its bucket (Python, no
   dispatcher call) and the last one launches the bucket's reduction: divided by the world size
-  in the gradient's dtype, cast to ``communication_data_type`` where that differs, then one
-  asynchronous ``reduce`` per rank whose partition the bucket overlaps (a bucket spans one or
-  two partitions), so the reduction overlaps the rest of the backward as DeepSpeed's does;
+  in the gradient's dtype, cast to ``communication_data_type`` where that differs, then
+  reduced asynchronously, so the reduction overlaps the rest of the backward as DeepSpeed's
+  does. The collective is DeepSpeed's choice (``use_multi_rank_bucket_allreduce``): by default
+  one all-reduce of the whole bucket, whatever the number of partitions it spans (a 25M bucket
+  spans 150 of B/16's at 512 ranks, where a ``reduce`` per owner would be 150 latency-bound
+  collectives); with the option off, one ``reduce`` per rank whose partition the bucket overlaps;
 * after the backward (``overlapping_partition_gradients_reduce_epilogue`` at stage 2, every
   micro-batch; ``reduce_gradients`` at stage 1, at the accumulation boundary, as DeepSpeed
   reduces) it waits for the reductions, adds each bucket's share of this rank's partition into
@@ -33,8 +36,10 @@ operations in the same order. DeepSpeed divides a bucket by the world size in th
 dtype, casts it to the communication dtype, reduces it to the partition's owner and adds the
 result into the fp32 (bf16 at stage 1) partition; an add into zeros is a copy; micro-batches
 are summed after the reduction at stage 2 and before it at stage 1, as here. Across ranks the
-sum of one element over the ranks is the collective's, the same call. Tested against
-DeepSpeed's own path at 1 and 2 ranks, stages 1-2, fp32 and bf16, with accumulation.
+sum of one element over the ranks is the collective's: the same collective on the same bucket
+as DeepSpeed's (``allreduce_bucket`` issues one per bucket of at most ``reduce_bucket_size``).
+Tested against DeepSpeed's own path at 1 and 2 ranks, stages 1-2, fp32 and bf16, with
+accumulation, both collectives.
 
 Memory: ``grads[i]`` holds the whole model's gradient in its dtype on every rank (B/16 in
 bf16: 172 MB), as stage 1 and a plain loop do; DeepSpeed's stage 2 keeps 25M-element buckets
@@ -72,7 +77,7 @@ FLAT_ATTRIBUTES = (
     "partition_gradients", "communication_data_type", "reduce_bucket_size", "_grad_acc_hooks", "grad_start_offset",
     "grad_partition_insertion_offset", "use_grad_accum_attribute", "reduce_scatter", "gradient_average",
     "is_gradient_accumulation_boundary", "overlapping_partition_gradients_reduce_epilogue", "reduce_gradients",
-    "zero_grad", "backward_prologue", "get_param_id", "sequence_parallel_size",
+    "zero_grad", "backward_prologue", "get_param_id", "sequence_parallel_size", "use_multi_rank_bucket_allreduce",
 )
 """What this path reads or replaces on DeepSpeed's optimizer, beyond ``pretrain.lean_zero.LEAN_ATTRIBUTES``."""
 
@@ -128,8 +133,9 @@ class Bucket:
     end: int
     tensors: int
     grad: torch.Tensor
-    owners: list[tuple[int, int, int]]
-    """(global rank, start, end) of each partition the bucket overlaps, in flat elements."""
+    owners: list[tuple[Optional[int], int, int]]
+    """(global rank, start, end) of each partition the bucket overlaps, in flat elements; or one
+    (None, start, end), the whole bucket to all-reduce."""
     own: Optional[tuple[int, int]]
     """This rank's share, ``[start, end)`` in flat elements, if any."""
     into: Optional[torch.Tensor]
@@ -149,6 +155,7 @@ class FlatGradients:
         group = optimizer.real_dp_process_group[0]
         self.world, self.rank = dist.get_world_size(group=group), dist.get_rank(group=group)
         self.comm_dtype = optimizer.communication_data_type
+        self.all_reduce = bool(optimizer.use_multi_rank_bucket_allreduce)
         self.grads: list[torch.Tensor] = []
         self.partitions: list[Any] = []
         self.views: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
@@ -193,8 +200,9 @@ class FlatGradients:
             spans[-1] = (spans[-1][0], self.grads[i].numel(), spans[-1][2])
         buckets, lo_own, hi_own = [], self.rank * part, (self.rank + 1) * part
         for start, end, count in spans:
-            owners = [(dist.get_global_rank(pg, r), max(start, r * part), min(end, (r + 1) * part))
-                      for r in range(self.world) if r * part < end and start < (r + 1) * part]
+            owners: list[tuple[Optional[int], int, int]] = [(None, start, end)] if self.all_reduce else [
+                (dist.get_global_rank(pg, r), max(start, r * part), min(end, (r + 1) * part))
+                for r in range(self.world) if r * part < end and start < (r + 1) * part]
             own = (max(start, lo_own), min(end, hi_own)) if lo_own < end and start < hi_own else None
             into = None if own is None else self.partitions[i].flat_partition[own[0] - lo_own:own[1] - lo_own]
             buckets.append(Bucket(i, start, end, count, self.grads[i][start:end], owners, own, into))
@@ -235,9 +243,9 @@ class FlatGradients:
             bucket.remaining, bucket.launched = bucket.tensors, False
 
     def _launch(self, bucket: Bucket) -> None:
-        """Divide, cast and reduce ``bucket`` to the owners of its partitions (several ranks), as DeepSpeed's
-        ``average_tensor``; with one rank there is nothing to send. Then finish the buckets launched before
-        it beyond ``IN_FLIGHT``, which bounds the fp32 copies that exist at once."""
+        """Divide, cast and reduce ``bucket`` (all-reduce, or to the owners of its partitions) as DeepSpeed's
+        ``average_tensor`` does, with several ranks; with one there is nothing to send. Then finish the
+        buckets launched before it beyond ``IN_FLIGHT``, which bounds the fp32 copies that exist at once."""
         bucket.launched = True
         self.in_flight.append(bucket)
         if self.world > 1:

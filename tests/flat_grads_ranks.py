@@ -1,7 +1,10 @@
 """One rank of ``test_flat_grads.py``'s multi-rank comparison: the same tiny engine trained with vitscale's flat
 gradient path and with DeepSpeed's own path (``make_lean`` left out), each rank on its own data.
 
-    python tests/flat_grads_ranks.py STAGE PRECISION ACCUMULATION BUCKET OUT_DIR   (under a launcher)
+    python tests/flat_grads_ranks.py STAGE PRECISION ACCUMULATION BUCKET ALLREDUCE OUT_DIR   (under a launcher)
+
+ALLREDUCE is DeepSpeed's ``use_multi_rank_bucket_allreduce`` (true: one all-reduce per bucket, its
+default; false: a reduce per partition owner).
 
 Writes ``OUT_DIR/rank{R}.pt``: both runs' weights, and for the flat run where each bucket's reduction
 was launched (inside the backward, from the hooks, or after it, from the epilogue) and how many buckets'
@@ -42,14 +45,15 @@ def trained(cfg: Config, env: DistEnv, accumulation: int) -> dict[str, torch.Ten
 
 
 def main() -> None:
-    stage, precision, accumulation, bucket, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    stage, precision, accumulation, bucket, allreduce, out = sys.argv[1:7]
     env = DistEnv.from_env()
     init_distributed(env)
     cfg = apply_overrides(Config(), [
         f"deepspeed.zero_stage={stage}", f"deepspeed.precision={precision}", "optim.grad_clip=1e6",
-        f"data.global_batch_size={8 * accumulation * env.world_size}", "data.micro_batch_size=8",
+        f"data.global_batch_size={8 * int(accumulation) * env.world_size}", "data.micro_batch_size=8",
         "schedule.warmup_steps=1", "schedule.total_steps=100",
-        f"deepspeed.extra={{zero_optimization: {{reduce_bucket_size: {bucket}}}}}"])
+        f"deepspeed.extra={{zero_optimization: {{reduce_bucket_size: {bucket}, "
+        f"use_multi_rank_bucket_allreduce: {allreduce}}}}}"])
     launches: list[str] = []
     in_flight: list[int] = []
     launch = flat_grads.FlatGradients._launch
@@ -60,11 +64,12 @@ def main() -> None:
         in_flight.append(sum(b.sent is not None for b in self.buckets))
 
     flat_grads.FlatGradients._launch = recorded
-    flat = trained(cfg, env, accumulation)
+    flat = trained(cfg, env, int(accumulation))
     flat_grads.FlatGradients._launch = launch
     pretrain.engine.make_lean = lambda engine: None
-    deepspeeds = trained(cfg, env, accumulation)
-    torch.save({"flat": flat, "deepspeed": deepspeeds, "launches": launches, "in_flight": in_flight}, Path(out) / f"rank{env.rank}.pt")
+    deepspeeds = trained(cfg, env, int(accumulation))
+    torch.save({"flat": flat, "deepspeed": deepspeeds, "launches": launches, "in_flight": in_flight},
+               Path(out) / f"rank{env.rank}.pt")
     shutdown_distributed()
 
 

@@ -22,7 +22,11 @@ What this path does instead, per param group ``i`` (same arithmetic, one call pe
   does. The collective is DeepSpeed's choice (``use_multi_rank_bucket_allreduce``): by default
   one all-reduce of the whole bucket, whatever the number of partitions it spans (a 25M bucket
   spans 150 of B/16's at 512 ranks, where a ``reduce`` per owner would be 150 latency-bound
-  collectives); with the option off, one ``reduce`` per rank whose partition the bucket overlaps;
+  collectives); with the option off, one ``reduce`` per rank whose partition the bucket overlaps.
+  Buckets are launched in the order their last gradients arrive, which is the same on every rank
+  because every rank runs the same graph (ViT uses every parameter in every step; stochastic depth
+  masks rows, it does not skip a block), as DeepSpeed's buckets, filled in arrival order, assume;
+  a model whose use of parameters depended on the data would need one fixed order;
 * after the backward (``overlapping_partition_gradients_reduce_epilogue`` at stage 2, every
   micro-batch; ``reduce_gradients`` at stage 1, at the accumulation boundary, as DeepSpeed
   reduces) it waits for the reductions, adds each bucket's share of this rank's partition into

@@ -248,14 +248,15 @@ def main() -> None:
         finally:
             flat_grads.applies = applies
 
-    def synthetic(built: Any) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    def on_synthetic(built: Any) -> Callable[[], None]:
+        """A step of ``built`` on the fixed batch, in the engine's input dtype."""
         fixed = (x.to(built.module.cls_token.dtype), y)
-        return lambda: fixed
+        return engine_step(built, lambda: fixed)
 
     makers = {"ours_plain": lambda: plain_step(plain_models[0], x, y, gpu),
               "timm_plain": lambda: plain_step(plain_models[1], x, y, gpu),
-              "ours_engine": lambda: engine_step(engine(), synthetic(engine())),
-              "ours_engine_ds_grads": lambda: (lambda built: engine_step(built, synthetic(built)))(ds_grads_engine())}
+              "ours_engine": lambda: on_synthetic(engine()),
+              "ours_engine_ds_grads": lambda: on_synthetic(ds_grads_engine())}
     if args.shards is not None:
         makers["ours_engine_data"] = lambda: engine_step(engine(), stream_batches(
             args, cfg, env, device, engine().module.cls_token.dtype))

@@ -135,7 +135,8 @@ class Bucket:
     group: int
     start: int
     end: int
-    tensors: int
+    params: list[torch.nn.Parameter]
+    """The bucket's parameters, whose gradients it holds."""
     grad: torch.Tensor
     owners: list[tuple[Optional[int], int, int]]
     """(global rank, start, end) of each partition the bucket overlaps, in flat elements; or one
@@ -176,47 +177,35 @@ class FlatGradients:
             self.partitions.append(partition)
             self.buckets += self._buckets(i)
         self._attach()
-        self.hooks = []
-        if self.world > 1:
-            for bucket in self.buckets:
-                for p in self._tensors_of(bucket):
-                    self.hooks.append(p.register_post_accumulate_grad_hook(self._hook(bucket)))
+        hooks = [p.register_post_accumulate_grad_hook(self._hook(bucket))
+                 for bucket in self.buckets for p in bucket.params] if self.world > 1 else []
         for handle in optimizer._grad_acc_hooks:
             handle.remove()
-        optimizer._grad_acc_hooks[:] = self.hooks
+        optimizer._grad_acc_hooks[:] = hooks
 
     def _buckets(self, i: int) -> list[Bucket]:
         """Group ``i``'s flat gradient in buckets of whole tensors, ``reduce_bucket_size`` elements at most."""
         opt, size = self.optimizer, int(self.optimizer.reduce_bucket_size)
         part = int(opt.partition_size[i])
         pg = opt.real_dp_process_group[i]
-        spans, start, end, count = [], None, 0, 0
+        spans: list[tuple[int, int, list[torch.nn.Parameter]]] = []
         for p, offset in zip(opt.round_robin_bit16_groups[i], opt.round_robin_bit16_offsets[i]):
-            if start is not None and offset + p.numel() - start > size:
-                spans.append((start, end, count))
-                start = None
-            if start is None:
-                start, count = offset, 0
-            end, count = offset + p.numel(), count + 1
-        if start is not None:
-            spans.append((start, end, count))
+            if not spans or offset + p.numel() - spans[-1][0] > size:
+                spans.append((offset, offset, []))
+            start, _, params = spans[-1]
+            params.append(p)
+            spans[-1] = (start, offset + p.numel(), params)
         if spans:                                          # the padding after the last tensor is reduced too
             spans[-1] = (spans[-1][0], self.grads[i].numel(), spans[-1][2])
         buckets, lo_own, hi_own = [], self.rank * part, (self.rank + 1) * part
-        for start, end, count in spans:
+        for start, end, params in spans:
             owners: list[tuple[Optional[int], int, int]] = [(None, start, end)] if self.all_reduce else [
                 (dist.get_global_rank(pg, r), max(start, r * part), min(end, (r + 1) * part))
                 for r in range(self.world) if r * part < end and start < (r + 1) * part]
             own = (max(start, lo_own), min(end, hi_own)) if lo_own < end and start < hi_own else None
             into = None if own is None else self.partitions[i].flat_partition[own[0] - lo_own:own[1] - lo_own]
-            buckets.append(Bucket(i, start, end, count, self.grads[i][start:end], owners, own, into))
+            buckets.append(Bucket(i, start, end, params, self.grads[i][start:end], owners, own, into))
         return buckets
-
-    def _tensors_of(self, bucket: Bucket) -> list[torch.nn.Parameter]:
-        opt = self.optimizer
-        return [p for p, offset in zip(opt.round_robin_bit16_groups[bucket.group],
-                                       opt.round_robin_bit16_offsets[bucket.group])
-                if bucket.start <= offset < bucket.end]
 
     def _attach(self) -> None:
         """Every parameter's ``.grad`` is its view again (Python identity checks; DeepSpeed's ``zero_grad`` and
@@ -244,7 +233,7 @@ class FlatGradients:
         self._attach()
         self.armed = None
         for bucket in self.buckets:
-            bucket.remaining, bucket.launched = bucket.tensors, False
+            bucket.remaining, bucket.launched = len(bucket.params), False
 
     def _launch(self, bucket: Bucket) -> None:
         """Divide, cast and reduce ``bucket`` (all-reduce, or to the owners of its partitions) as DeepSpeed's
